@@ -1,0 +1,1 @@
+"""Library behind train.py, extract.py, cache.py and plot.py."""

@@ -1,0 +1,259 @@
+"""Run folders, dense checkpoints (atomic, optionally written in the background) and schedules.
+
+A run lives in ``<save-dir>/<experiment>/<expid>/``::
+
+    hyperparameters.json   every flag, library versions, git commit
+    metrics.json           evaluation history (step, epoch, losses, accuracies)
+    groups.json            the detected symmetry groups with their violations
+    ckpt/step_00000120.pt  one file per saved step (the step is also stored inside)
+    features.h5            written by extract.py
+    cache/<metric>.h5      written by cache.py
+
+Each checkpoint is a dict saved with ``torch.save``; see `CHECKPOINT_KEYS`.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from Utils import fileio
+from Utils.errors import CorruptFileError, UserError
+
+FORMAT = "neural-mechanics-checkpoint"
+VERSION = 1
+CKPT_DIR = "ckpt"
+CKPT_PREFIX = "step_"
+CKPT_SUFFIX = ".pt"
+
+CHECKPOINT_KEYS = {
+    "format": "the string FORMAT",
+    "version": "format version (int)",
+    "step": "optimizer updates done: the parameters are theta_step",
+    "epoch": "epoch the next batch belongs to (int)",
+    "batch": "index of the next batch within that epoch (int)",
+    "epoch_float": "step / steps_per_epoch",
+    "lr": "learning rate of the first parameter group for the next update",
+    "config": "the run's hyperparameters (dict)",
+    "model": "model.state_dict() (parameters and buffers such as BatchNorm statistics)",
+    "optimizer": "optimizer.state_dict(); custom_sgd adds the per-group theory state under 'theory'",
+    "param_names": "parameter names in the optimizer's order (maps optimizer state to names)",
+    "scheduler": "lr scheduler state_dict",
+    "rng": "python, numpy, torch (and cuda) random states",
+    "metrics": "train_loss, train_top1, test_loss, top1, top5 (NaN where not evaluated at this step)",
+    "running": "sums behind the running train loss since the last evaluation (for exact resume)",
+}
+
+
+def checkpoint_name(step: int) -> str:
+    """File name of the checkpoint of `step` (zero-padded so names sort by step)."""
+    return f"{CKPT_PREFIX}{step:08d}{CKPT_SUFFIX}"
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    """The checkpoint folder of a run."""
+    return fileio.join(run_dir, CKPT_DIR)
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Paths of the checkpoint files of a run (temporary files excluded), in name order."""
+    folder = checkpoint_dir(run_dir)
+    names = [
+        n
+        for n in fileio.listdir(folder)
+        if n.startswith(CKPT_PREFIX) and n.endswith(CKPT_SUFFIX) and not n.startswith(".")
+    ]
+    return [fileio.join(folder, n) for n in sorted(names)]
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads and checks one checkpoint.
+
+    Raises:
+        CorruptFileError: when the file is truncated, unreadable or not a checkpoint.
+    """
+    try:
+        ckpt = fileio.torch_load(path, map_location=map_location)
+    except Exception as exc:  # any unpickling/zip error means a damaged file
+        raise CorruptFileError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); delete it, "
+            "or pass --skip-bad to go on without it"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CorruptFileError(f"{path} is not a checkpoint written by train.py")
+    return ckpt
+
+
+def rng_state() -> dict[str, Any]:
+    """Random states of python, numpy and torch (and CUDA when used)."""
+    import random
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores `rng_state` output."""
+    import random
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_cpu_copy(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists with every tensor cloned to CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Saves checkpoints atomically, optionally in a background thread.
+
+    The training loop hands over a snapshot (tensors copied to CPU at once, so training may
+    go on changing them) and continues; a single writer thread serialises and writes files in
+    order. `close()` waits until every file is complete and re-raises any write error.
+
+    Args:
+        run_dir: the run folder.
+        background: write in a thread (True) or synchronously.
+        max_pending: snapshots allowed in the queue before `save` blocks (bounds memory).
+    """
+
+    def __init__(self, run_dir: str, background: bool = True, max_pending: int = 8) -> None:
+        self.run_dir = run_dir
+        self.background = background
+        self.bytes_written = 0
+        self.files_written = 0
+        self._error: BaseException | None = None
+        fileio.makedirs(checkpoint_dir(run_dir))
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._work, name="ckpt-writer", daemon=True)
+            self._thread.start()
+
+    def _write(self, step: int, payload: dict[str, Any]) -> None:
+        path = fileio.join(checkpoint_dir(self.run_dir), checkpoint_name(step))
+        fileio.atomic_torch_save(payload, path)
+        self.files_written += 1
+        if not fileio.is_url(path):
+            self.bytes_written += fileio.getsize(path)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self._write(*item)
+            except BaseException as exc:  # reported by the training thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise UserError(
+                f"writing a checkpoint in {self.run_dir} failed: {err}; free disk space or "
+                "choose another --save-dir, then rerun with --resume"
+            ) from None
+
+    def save(self, step: int, payload: dict[str, Any]) -> None:
+        """Queues (or writes) the checkpoint of `step`; tensors are copied before returning."""
+        self._raise_pending()
+        snapshot = _to_cpu_copy(payload)
+        if self._thread is None:
+            try:
+                self._write(step, snapshot)
+            except OSError as err:
+                self._error = err
+        else:
+            self._queue.put((step, snapshot))
+        self._raise_pending()
+
+    def flush(self) -> None:
+        """Blocks until every queued checkpoint is on disk."""
+        if self._thread is not None:
+            self._queue.join()
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Flushes and stops the writer thread."""
+        try:
+            self.flush()
+        finally:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join()
+                self._thread = None
+
+
+def save_steps(
+    total_steps: int, schedule: str = "linear", save_freq: int = 0, num_checkpoints: int = 0
+) -> np.ndarray:
+    """Steps at which checkpoints are written (always 0 and the last step).
+
+    Args:
+        total_steps: number of optimizer updates of the whole run.
+        schedule: "linear" (every `save_freq` steps) or "log" (`num_checkpoints` steps spaced
+            evenly in log(step + 1): dense early, sparse late).
+        save_freq: spacing for the linear schedule; 0 saves only the first and last step.
+        num_checkpoints: number of checkpoints for the log schedule.
+
+    Returns:
+        Sorted unique int64 array of steps in [0, total_steps].
+    """
+    if schedule == "linear":
+        steps = np.arange(0, total_steps + 1, save_freq) if save_freq > 0 else np.array([0])
+    elif schedule == "log":
+        n = max(int(num_checkpoints), 2)
+        steps = np.rint(np.expm1(np.linspace(0.0, math.log1p(total_steps), n))).astype(np.int64)
+    else:
+        raise ValueError(f"unknown save schedule {schedule!r}")
+    return np.unique(np.concatenate([steps, [0, total_steps]]).astype(np.int64))
+
+
+def latest_valid_checkpoint(
+    run_dir: str, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest checkpoint that loads, and the paths of newer ones that did not.
+
+    Returns:
+        (checkpoint or None, list of skipped corrupt paths, newest first).
+    """
+    skipped: list[str] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(path, map_location), skipped
+        except CorruptFileError:
+            skipped.append(path)
+    return None, skipped
+
+
+def checkpoint_steps(paths: Sequence[str]) -> list[int]:
+    """Steps stored inside checkpoints (reads each file; used by tests and tools)."""
+    return [int(load_checkpoint(p)["step"]) for p in paths]
