@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {
     "dataset": "synthetic",
-    "model": "fc",
+    "model": "fc-bn",
     "epochs": 2,
     "train_batch_size": 512,
     "test_batch_size": 1024,
@@ -158,7 +158,7 @@ def test_run_writes_checkpoints_with_everything(tmp_path):
     assert lrs[0] == pytest.approx(0.05) and lrs[total] == pytest.approx(0.005)
     metrics = json.loads((run / "metrics.json").read_text())
     assert [m["step"] for m in metrics] == [0, steps_per_epoch, total]
-    assert metrics[-1]["top1"] > 0.3  # learns the teacher better than chance (0.1)
+    assert metrics[-1]["train_top1"] > 0.25  # learns the teacher better than chance (0.1)
 
 
 def test_existing_run_refused_then_resume_and_overwrite(tmp_path):
@@ -203,7 +203,7 @@ def test_restore_path_from_other_model_is_refused(tmp_path):
                    "save_dir": str(tmp_path)})
     path = list_checkpoints(first.run_dir)[-1]
     out = run_cli("--experiment", "t", "--expid", "b", "--save-dir", str(tmp_path),
-                  "--dataset", "synthetic", "--model", "fc", "--epochs", "1",
+                  "--dataset", "synthetic", "--model", "fc-bn", "--epochs", "1",
                   "--restore-path", path, "--no-progress")
     assert out.returncode != 0 and "different model" in out.stderr
     assert "Traceback" not in out.stderr

@@ -1,0 +1,297 @@
+"""Reading and writing cache files (``<run>/cache/<metric><suffix>.h5``).
+
+A cache file is written through a `CacheWriter`: the datasets go into a temporary file in the
+cache folder (``.<file>.<pid>.tmp``), which is renamed into place by `CacheWriter.commit`, so
+a reader sees a complete file or none. Per-step datasets grow by `CacheWriter.append` (resizable
+along the step axis), so a metric never holds more than one slice of rows in memory.
+
+Root attributes of every cache file (see docs/METRICS.md):
+
+``format`` ("neural-mechanics-cache"), ``version``, ``metric``, ``source_rows`` (rows of
+features.h5 the cache was built from), ``source_last_step``, ``options`` (JSON of the metric's
+options, e.g. subset and seed), plus whatever the metric adds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import h5py
+import numpy as np
+
+from Utils import fileio
+from Utils.errors import CorruptFileError
+
+FORMAT = "neural-mechanics-cache"
+VERSION = 1
+CACHE_DIR = "cache"
+_TMP_SUFFIX = ".tmp"
+
+
+def cache_dir(run_dir: str) -> str:
+    """The cache folder of a run."""
+    return fileio.join(run_dir, CACHE_DIR)
+
+
+def cache_path(run_dir: str, metric: str, suffix: str = "") -> str:
+    """Path of one metric's cache file, ``<run_dir>/cache/<metric><suffix>.h5``."""
+    return fileio.join(cache_dir(run_dir), f"{metric}{suffix}.h5")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Deletes temporary files left for `path` by writers that were killed.
+
+    Only files named ``.<name>.<pid>.tmp`` whose process no longer exists are removed, so a
+    cache.py running at the same time on the same run keeps its own temporary file.
+
+    Returns:
+        The removed paths.
+    """
+    if fileio.is_url(path):
+        return []
+    folder, name = os.path.split(fileio.local_path(path))
+    removed: list[str] = []
+    prefix = f".{name}."
+    for entry in fileio.listdir(folder):
+        if not (entry.startswith(prefix) and entry.endswith(_TMP_SUFFIX)):
+            continue
+        pid_text = entry[len(prefix) : -len(_TMP_SUFFIX)]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            os.remove(os.path.join(folder, entry))
+            removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def _chunks(tail: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunk shape for a dataset [rows, *tail] appended by slices of rows (about 1 MiB)."""
+    per_row = max(int(np.prod(tail, dtype=np.int64)) * itemsize, 1)
+    budget = 1 << 20
+    if per_row <= budget:
+        return (max(1, min(64, budget // per_row)), *tail)
+    if not tail:
+        return (1,)
+    # A row alone is larger than the budget: split the first trailing axis.
+    inner = max(int(np.prod(tail[1:], dtype=np.int64)) * itemsize, 1)
+    first = max(1, min(tail[0], budget // inner))
+    return (1, first, *tail[1:])
+
+
+class CacheWriter:
+    """Builds one cache file in a temporary file and renames it into place on `commit`.
+
+    Args:
+        path: final path of the cache file (a local path or an fsspec URL).
+        metric: the metric's name (stored in the root attributes).
+
+    Use as a context manager: leaving the block by an exception removes the temporary file.
+    """
+
+    def __init__(self, path: str, metric: str) -> None:
+        self.path = path
+        self.metric = metric
+        self._upload_dir: str | None = None
+        if fileio.is_url(path):
+            self._upload_dir = tempfile.mkdtemp(prefix="nm-cache-")
+            self.tmp_path = os.path.join(self._upload_dir, os.path.basename(path))
+        else:
+            final = fileio.local_path(path)
+            folder, name = os.path.split(os.path.abspath(final))
+            os.makedirs(folder, exist_ok=True)
+            self.tmp_path = os.path.join(folder, f".{name}.{os.getpid()}{_TMP_SUFFIX}")
+        self.file = h5py.File(self.tmp_path, "w")
+        self.file.attrs["format"] = FORMAT
+        self.file.attrs["version"] = VERSION
+        self.file.attrs["metric"] = metric
+        self._closed = False
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._closed:
+            self.abort()
+
+    def write(self, path: str, data: Any, dtype: Any = None, **attrs: Any) -> h5py.Dataset:
+        """Writes a whole dataset at once (for small, step-independent arrays).
+
+        Args:
+            path: path inside the file, e.g. ``groups/scale/features.0/index``.
+            data: the array.
+            dtype: storage dtype (default: the array's), e.g. ``h5py.string_dtype()``.
+            **attrs: attributes set on the dataset.
+        """
+        ds = self.file.create_dataset(path, data=np.asarray(data), dtype=dtype)
+        set_attrs(ds, attrs)
+        return ds
+
+    def append(self, name: str, data: Any, dtype: Any = None) -> None:
+        """Appends rows (first axis) to a resizable dataset, creating it on first use.
+
+        Args:
+            name: path inside the file.
+            data: array [r, *tail]; the tail shape must stay the same across calls.
+            dtype: storage dtype at creation (default: the array's dtype).
+        """
+        arr = np.asarray(data)
+        if name not in self.file:
+            dt = np.dtype(dtype if dtype is not None else arr.dtype)
+            self.file.create_dataset(
+                name,
+                shape=(0, *arr.shape[1:]),
+                maxshape=(None, *arr.shape[1:]),
+                dtype=dt,
+                chunks=_chunks(tuple(arr.shape[1:]), dt.itemsize),
+            )
+        ds = self.file[name]
+        start = ds.shape[0]
+        ds.resize(start + arr.shape[0], axis=0)
+        ds[start:] = arr
+
+    def group(self, path: str, **attrs: Any) -> h5py.Group:
+        """Creates (or opens) an HDF5 group and sets attributes on it."""
+        grp = self.file.require_group(path)
+        set_attrs(grp, attrs)
+        return grp
+
+    def attrs(self, **attrs: Any) -> None:
+        """Sets root attributes (dicts and lists are stored as JSON strings)."""
+        set_attrs(self.file, attrs)
+
+    def commit(self) -> str:
+        """Closes the temporary file and renames it to the final path.
+
+        Returns:
+            The final path.
+        """
+        self.file.flush()
+        self.file.close()
+        self._closed = True
+        if self._upload_dir is not None:
+            with open(self.tmp_path, "rb") as src:
+                payload = src.read()
+            fileio.atomic_write(self.path, lambda f: f.write(payload))
+            shutil.rmtree(self._upload_dir, ignore_errors=True)
+        else:
+            with open(self.tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp_path, fileio.local_path(self.path))
+        return self.path
+
+    def abort(self) -> None:
+        """Closes and deletes the temporary file (the final path is left untouched)."""
+        if not self._closed:
+            try:
+                self.file.close()
+            except Exception:  # already closed or broken: deleting the file is all that is left
+                pass
+            self._closed = True
+        if os.path.exists(self.tmp_path):
+            os.remove(self.tmp_path)
+        if self._upload_dir is not None:
+            shutil.rmtree(self._upload_dir, ignore_errors=True)
+
+
+def set_attrs(obj: h5py.Group | h5py.Dataset, attrs: Mapping[str, Any]) -> None:
+    """Sets HDF5 attributes; dicts, lists and tuples are stored as JSON strings, None as ""."""
+    for key, value in attrs.items():
+        if isinstance(value, (dict, list, tuple)):
+            value = json.dumps(value, sort_keys=True, default=str)
+        elif value is None:
+            value = ""
+        obj.attrs[key] = value
+
+
+def open_cache(path: str) -> h5py.File:
+    """Opens a cache file for reading.
+
+    Raises:
+        CorruptFileError: when the file is not a readable cache file.
+    """
+    try:
+        if fileio.is_url(path):
+            f = h5py.File(fileio.open_read(path), "r")
+        else:
+            f = h5py.File(fileio.local_path(path), "r")
+    except (OSError, ValueError) as exc:
+        raise CorruptFileError(
+            f"cache file {path} cannot be read ({exc}); delete it or rerun cache.py --overwrite"
+        ) from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise CorruptFileError(
+            f"{path} is not a cache file written by cache.py; delete it or rerun with --overwrite"
+        )
+    return f
+
+
+def cache_info(path: str) -> dict[str, Any] | None:
+    """The root attributes of a cache file, or None if it is missing or unreadable."""
+    if not fileio.exists(path):
+        return None
+    try:
+        with open_cache(path) as f:
+            return {k: _decode(v) for k, v in f.attrs.items()}
+    except CorruptFileError:
+        return None
+
+
+def _decode(value: Any) -> Any:
+    """HDF5 attribute value -> plain python (bytes to str, numpy scalars to python)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def is_up_to_date(
+    path: str, metric: str, source_rows: int, source_last_step: int, options: Mapping[str, Any]
+) -> bool:
+    """Whether an existing cache was built from the same features rows with the same options."""
+    info = cache_info(path)
+    if info is None:
+        return False
+    try:
+        stored_options = json.loads(info.get("options", "{}"))
+    except (TypeError, ValueError):
+        return False
+    return (
+        info.get("version") == VERSION
+        and info.get("metric") == metric
+        and info.get("source_rows") == int(source_rows)
+        and info.get("source_last_step") == int(source_last_step)
+        and stored_options == json.loads(json.dumps(dict(options), sort_keys=True))
+    )
+
+
+def load_cache(path: str) -> dict[str, Any]:
+    """Reads a whole cache file into nested dicts (for tests, notebooks and small files).
+
+    Returns:
+        ``{"attrs": {...}, "<name>": array or nested dict with its own "attrs"}``.
+    """
+
+    def walk(node: h5py.Group) -> dict[str, Any]:
+        out: dict[str, Any] = {"attrs": {k: _decode(v) for k, v in node.attrs.items()}}
+        for key, item in node.items():
+            out[key] = walk(item) if isinstance(item, h5py.Group) else item[()]
+        return out
+
+    with open_cache(path) as f:
+        return walk(f)

@@ -1,0 +1,145 @@
+"""`cache_run`: computes the cache files of a run (what cache.py does)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from Utils import fileio
+from Utils.errors import DataMissingError, UsageError, UserError
+from Utils.metrics.base import METRICS, Context, FeaturesInfo, parse_metric_list
+from Utils.metrics.io import CacheWriter, cache_path, is_up_to_date, remove_stale_temporaries
+
+FEATURES_FILE = "features.h5"
+UP_TO_DATE = "up to date"
+COMPUTED = "computed"
+SKIPPED = "skipped"
+
+
+def _extract_command(run_dir: str) -> str:
+    """The extract.py command line for a run folder ``<save-dir>/<experiment>/<expid>``."""
+    path = fileio.local_path(str(run_dir)).rstrip("/")
+    head, expid = os.path.split(path)
+    save_dir, experiment = os.path.split(head)
+    return (
+        f"python extract.py --experiment {experiment} --expid {expid} "
+        f"--save-dir {save_dir or '.'}"
+    )
+
+
+def _metric_names(metrics: str | Sequence[str] | None) -> list[str] | None:
+    if metrics is None:
+        return None
+    text = metrics if isinstance(metrics, str) else ",".join(metrics)
+    names = parse_metric_list(text)
+    return names or None
+
+
+def cache_run(
+    run_dir: str,
+    metrics: str | Sequence[str] | None = None,
+    suffix: str = "",
+    overwrite: bool = False,
+    subset: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Writes ``<run_dir>/cache/<metric><suffix>.h5`` for the requested or applicable metrics.
+
+    Args:
+        run_dir: the run folder (holding features.h5).
+        metrics: metric names (comma string or list, aliases allowed); None: every metric that
+            applies to the run, the others reported as skipped.
+        suffix: appended to the cache file names (e.g. "_subset" -> ``network_subset.h5``).
+        overwrite: recompute even when an up-to-date cache exists.
+        subset: number of elements kept by `network` (per parameter) and `weights_grads`.
+        seed: seed of those random subsets.
+        progress: tqdm progress bars on stderr.
+
+    Returns:
+        metric name -> "computed", "up to date" or "skipped: <reason>", in registry order.
+
+    Raises:
+        UnknownNameError: an unknown metric name (lists the valid ones).
+        UsageError: a bad suffix or subset.
+        UserError: no run folder or no features.h5 (names the extract.py command), or an
+            explicitly requested metric does not apply to the run (says why).
+    """
+    from Utils import storage
+
+    requested = _metric_names(metrics)
+    if "/" in suffix or "\\" in suffix:
+        raise UsageError(f"--suffix must not contain path separators (got {suffix!r})")
+    if subset is not None and int(subset) < 1:
+        raise UsageError(f"--subset must be >= 1 (got {subset})")
+    if not fileio.exists(run_dir):
+        raise UserError(
+            f"run folder {run_dir} does not exist; check --save-dir, --experiment and --expid"
+        )
+    if not fileio.exists(fileio.join(run_dir, FEATURES_FILE)):
+        raise DataMissingError(
+            f"{run_dir} has no {FEATURES_FILE}; extract it first: {_extract_command(run_dir)}"
+        )
+    f = storage.open_features(run_dir)
+    try:
+        info = FeaturesInfo.from_file(f)
+        if info.num_rows == 0:
+            raise UserError(
+                f"{FEATURES_FILE} of {run_dir} has no rows; rerun: {_extract_command(run_dir)}"
+            )
+        statuses: dict[str, str] = {}
+        plan: list[str] = []
+        for name in requested or METRICS.names():
+            ok, reason = METRICS.get(name).applies(info)
+            if ok:
+                plan.append(name)
+            elif requested:
+                raise UserError(f"metric '{name}' does not apply to {run_dir}: {reason}")
+            else:
+                statuses[name] = f"{SKIPPED}: {reason}"
+        bar = plan
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(plan, desc="metrics", unit="metric", file=sys.stderr, dynamic_ncols=True)
+        for name in bar:
+            if progress:
+                bar.set_postfix_str(name)
+            statuses[name] = _cache_one(
+                f, info, run_dir, name, suffix, overwrite, subset, seed, progress
+            )
+    finally:
+        f.close()
+    return {n: statuses[n] for n in METRICS.names() if n in statuses}
+
+
+def _cache_one(
+    f,
+    info: FeaturesInfo,
+    run_dir: str,
+    name: str,
+    suffix: str,
+    overwrite: bool,
+    subset: int | None,
+    seed: int,
+    progress: bool,
+) -> str:
+    """Computes one metric's cache file unless an up-to-date one exists; returns its status."""
+    metric = METRICS.get(name)
+    given = {"subset": None if subset is None else int(subset), "seed": int(seed)}
+    options = {k: given[k] for k in metric.options}
+    path = cache_path(run_dir, name, suffix)
+    remove_stale_temporaries(path)
+    if not overwrite and is_up_to_date(path, name, info.num_rows, info.last_step, options):
+        return UP_TO_DATE
+    with CacheWriter(path, name) as writer:
+        metric.compute(Context(f, info, writer, options=options, progress=progress))
+        writer.attrs(
+            source_rows=info.num_rows,
+            source_last_step=info.last_step,
+            options=options,
+            description=metric.description,
+        )
+        writer.commit()
+    return COMPUTED
