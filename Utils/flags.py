@@ -211,6 +211,14 @@ def validate_train_config(cfg: dict[str, Any]) -> None:
         f"--lr-drops {bad} lie outside (0, --epochs={cfg['epochs']}]; "
         "give epochs inside the run",
     )
+    from Models import list_models
+
+    models = list_models(cfg["model_class"])
+    need(
+        cfg["model"] in models,
+        f"unknown --model '{cfg['model']}' for --model-class {cfg['model_class']}; choose one of: "
+        f"{', '.join(models)}",
+    )
     buffers = parse_name_list(cfg["save_buffers"], BUFFERS, "buffer")
     OPTIMIZERS.get(cfg["optimizer"])
     need(

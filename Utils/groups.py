@@ -161,7 +161,9 @@ def _member_reduce_numpy(x: np.ndarray, member: Member, lead: int) -> np.ndarray
     return per_slice.reshape(*per_slice.shape[:-1], -1, member.block).sum(axis=-1)
 
 
-def group_sum_np(arrays: Mapping[str, np.ndarray], group: SymmetryGroup, lead: int = 0) -> np.ndarray:
+def group_sum_np(
+    arrays: Mapping[str, np.ndarray], group: SymmetryGroup, lead: int = 0
+) -> np.ndarray:
     """Signed per-group sum of elementwise arrays (numpy), keeping leading axes.
 
     Args:
@@ -180,7 +182,9 @@ def group_sum_np(arrays: Mapping[str, np.ndarray], group: SymmetryGroup, lead: i
     return out
 
 
-def group_index(group: SymmetryGroup, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def group_index(
+    group: SymmetryGroup, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
     """For each member parameter, the group index of every element (-1: in no group).
 
     Used by slow reference implementations and by plotting of individual neurons.

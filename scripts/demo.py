@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default="demo", help="experiment name")
     p.add_argument("--expid", default="fashion-vgg", help="run id")
     p.add_argument("--dataset", default="fashion-mnist", help="dataset")
-    p.add_argument("--epochs", type=int, default=2, help="training epochs (lr drop after the first)")
+    p.add_argument(
+        "--epochs", type=int, default=2, help="training epochs (lr drop after the first)"
+    )
     p.add_argument("--save-freq", type=int, default=10, help="steps between checkpoints")
     p.add_argument("--extra", default="", help="further train.py flags, quoted")
     return p.parse_args(argv)
@@ -50,11 +52,38 @@ def main(argv: list[str] | None = None) -> int:
     where = ["--experiment", args.experiment, "--expid", args.expid, "--save-dir", args.save_dir]
     seconds = {}
     seconds["train"] = run(
-        [py, "train.py", *where, "--overwrite", "--dataset", args.dataset, "--model", "vgg-demo",
-         "--epochs", str(args.epochs), "--train-batch-size", "128", "--lr", "0.05",
-         "--momentum", "0.9", "--wd", "5e-4", "--lr-drops", "1", "--lr-drop-rate", "0.2",
-         "--save-freq", str(args.save_freq), "--save-buffers", "grad,update",
-         "--eval-freq", "200", "--deterministic", *shlex.split(args.extra)]
+        [
+            py,
+            "train.py",
+            *where,
+            "--overwrite",
+            "--dataset",
+            args.dataset,
+            "--model",
+            "vgg-demo",
+            "--epochs",
+            str(args.epochs),
+            "--train-batch-size",
+            "128",
+            "--lr",
+            "0.05",
+            "--momentum",
+            "0.9",
+            "--wd",
+            "5e-4",
+            "--lr-drops",
+            "1",
+            "--lr-drop-rate",
+            "0.2",
+            "--save-freq",
+            str(args.save_freq),
+            "--save-buffers",
+            "grad,update",
+            "--eval-freq",
+            "200",
+            "--deterministic",
+            *shlex.split(args.extra),
+        ]
     )
     seconds["extract"] = run([py, "extract.py", *where, "--overwrite"])
     seconds["cache"] = run([py, "cache.py", *where, "--overwrite"])

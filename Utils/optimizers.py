@@ -1,0 +1,838 @@
+"""Optimizers, per-parameter optimizer buffers and the online theory of `TrackingSGD`.
+
+`build_optimizer(name, named_params, ...)` makes any optimizer of the `OPTIMIZERS` registry:
+
+* ``custom_sgd``: `TrackingSGD`, torch.optim.SGD's update (THEORY.md section 1) plus the exact
+  (section 3) and the paper's (section 4) predictions of every valid symmetry group;
+* ``sgd``, ``momentum`` (momentum required): torch.optim.SGD; ``adam``, ``adamw``,
+  ``rms`` (RMSprop): torch's; ``lamb``: `LAMB` (You et al. 2019). adam, adamw and lamb ignore
+  momentum/dampening/nesterov (their betas play that role); rms ignores dampening/nesterov.
+
+Buffers (`BUFFERS`) are per-parameter tensors kept in ``optimizer.state[p][name]`` after every
+step, so they ride in checkpoints: ``grad`` (g_k), ``update`` (u_k with
+theta_{k+1} = theta_k - eta_k u_k), ``grad_norm`` and ``update_norm`` (their elementwise
+squares), and, for custom_sgd only, ``sgd`` (J with J_{k+1} = exp(-2 lam dt_k)(J_k + eta_k^2
+d_k^2)) and ``mom`` (the forced heavy-ball oscillator per element: X in ``mom``, X' in
+``mom_rate``, kicked by 2 eta (1 - delta) v^2, with the scale/rescale omega^2).
+
+Checkpoint layout of `TrackingSGD.state_dict()` (read as ``ckpt["optimizer"]["theory"]``)::
+
+    {"version": 1,
+     "groups": str,              # Utils.groups.groups_to_json of ALL groups (invalid ones too)
+     "param_names": [str],       # names in state-dict index order (same as self.param_names)
+     "step": int,                # optimizer updates done, k
+     "time": {key: float},       # t_k = sum_{j<k} eta_j (1 - delta) per valid group key
+     "state": {key: {field: float64 tensor [size]}}}   # valid groups only
+
+with ``key = "<kind>/<name>"`` and fields, all describing the current parameters theta_k:
+
+* ``exact``: THEORY.md section 3 prediction, Q_k (scale, rescale) or S_k (translation);
+* ``paper``: section 4 prediction X(t_k) (Q or S); ``paper_rate``: its time derivative;
+* ``carry``: <theta_k, v_{k-1}> (translation: <v_{k-1}, 1>), signed for rescale;
+* ``initial``: the measured Q_0 or S_0.
+
+Each prediction is compared with the measured quantity of `Utils.theory.measure`:
+scale ``Q = group_sum(theta^2)`` (sum over each group's elements), rescale the signed
+``group_sum(theta^2) = |theta_A1|^2 - |theta_A2|^2``, translation ``S = group_sum(theta)``.
+`TrackingSGD.theory_snapshot()` returns the same fields (plus ``time``) as NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from Utils import theory
+from Utils.errors import CorruptFileError, UsageError
+from Utils.groups import KINDS, SymmetryGroup, groups_from_json, groups_to_json
+from Utils.registry import Registry
+
+THEORY_VERSION = 1
+THEORY_FIELDS = ("exact", "carry", "paper", "paper_rate", "initial")
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """A per-parameter optimizer buffer.
+
+    Attributes:
+        name: registry name, also the key in ``optimizer.state[p]``.
+        description: one line for help texts.
+        tracking_only: only custom_sgd can compute it.
+        fields: the keys it fills in ``optimizer.state[p]``.
+    """
+
+    name: str
+    description: str
+    tracking_only: bool = False
+    fields: tuple[str, ...] = ()
+
+
+BUFFERS: Registry[BufferSpec] = Registry("buffer")
+for _spec in (
+    BufferSpec("grad", "last batch gradient g_k", fields=("grad",)),
+    BufferSpec("update", "last update u_k (theta_{k+1} = theta_k - lr u_k)", fields=("update",)),
+    BufferSpec("grad_norm", "elementwise g_k^2", fields=("grad_norm",)),
+    BufferSpec("update_norm", "elementwise u_k^2", fields=("update_norm",)),
+    BufferSpec("sgd", "paper's plain-SGD integral J per element", True, ("sgd",)),
+    BufferSpec("mom", "paper's forced momentum oscillator per element", True, ("mom", "mom_rate")),
+):
+    BUFFERS.add(_spec.name, _spec, tracking_only=_spec.tracking_only)
+
+OPTIMIZERS: Registry = Registry("optimizer")
+
+
+def _check_sgd_hyper(lr: float, momentum: float, dampening: float, wd: float, nesterov: bool):
+    """Raises UsageError for hyperparameters torch.optim.SGD refuses."""
+    if lr < 0:
+        raise UsageError(f"learning rate must be >= 0, got {lr}; pass a non-negative --lr")
+    if momentum < 0:
+        raise UsageError(f"momentum must be >= 0, got {momentum}; pass a non-negative --momentum")
+    if wd < 0:
+        raise UsageError(f"weight decay must be >= 0, got {wd}; pass a non-negative --wd")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise UsageError("nesterov needs momentum > 0 and dampening 0; set --momentum or drop it")
+
+
+@dataclass
+class _Bundle:
+    """Valid groups of one kind class driven by one param group, stored as flat vectors."""
+
+    kind: str  # "translation" or "quadratic"
+    pg: int
+    time: float
+    groups: list[SymmetryGroup]
+    state: dict[str, torch.Tensor]  # field -> float64 [sum of sizes]
+    params: list[torch.Tensor]  # the parameters of its groups, without repeats
+    names: list[str]  # their names
+    first: torch.Tensor  # the first member parameter of the first group
+    reducer: _Reducer | None = None
+
+
+class TrackingSGD(torch.optim.Optimizer):
+    """torch.optim.SGD with the online exact and paper theory of every valid symmetry group.
+
+    The update follows torch.optim.SGD exactly (coupled weight decay, first momentum step
+    copies d, dampening, nesterov, per param-group hyperparameters, any LR scheduler). After
+    each step, each valid group's state (see the module docstring) describes theta_k.
+
+    Args:
+        named_params: ``(name, parameter)`` pairs, or torch-style param-group dicts whose
+            ``"params"`` are such pairs.
+        lr: learning rate.
+        momentum: beta.
+        dampening: delta.
+        weight_decay: coupled weight decay lam.
+        nesterov: nesterov momentum.
+        groups: symmetry groups; invalid ones, and those whose parameters are not optimised or
+            sit in param groups with different hyperparameters, get no theory and are kept in
+            `groups` marked invalid with a reason.
+        buffers: names from `BUFFERS` to keep in ``state[p]``.
+
+    Attributes:
+        param_names: parameter names in state-dict index order.
+        groups: all groups, valid or not.
+        buffers: the buffer names recorded.
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        groups: Sequence[SymmetryGroup] = (),
+        buffers: Sequence[str] = (),
+    ) -> None:
+        _check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov)
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+        }
+        super().__init__(named_params, defaults)
+        for pg in self.param_groups:
+            if "param_names" not in pg:
+                raise TypeError("TrackingSGD needs (name, parameter) pairs")
+            _check_sgd_hyper(
+                float(pg["lr"]),
+                pg["momentum"],
+                pg["dampening"],
+                pg["weight_decay"],
+                pg["nesterov"],
+            )
+        self.buffers = tuple(BUFFERS.get(b).name for b in buffers)
+        self._index_params()
+        self._theory_step = 0
+        self.groups = [self._admit(g) for g in groups]
+        keys = [g.key for g in self.groups]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"symmetry group keys repeat: {sorted(keys)}")
+        state = {g.key: self._initial_state(g) for g in self.groups if g.valid}
+        self._bundles = self._build_bundles(state, dict.fromkeys(state, 0.0))
+
+    # ----------------------------------------------------------------- set-up
+
+    def _index_params(self) -> None:
+        """Maps parameter names to tensors and param-group indices."""
+        self.param_names = [n for pg in self.param_groups for n in pg["param_names"]]
+        self._by_name: dict[str, torch.Tensor] = {}
+        self._pg_of: dict[str, int] = {}
+        for i, pg in enumerate(self.param_groups):
+            for name, p in zip(pg["param_names"], pg["params"]):
+                self._by_name[name] = p
+                self._pg_of[name] = i
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group; later groups must be named too (they get no theory)."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_by_name"):
+            self._index_params()
+
+    def _hyper_of(self, pg_index: int) -> theory.Hyper:
+        return theory.Hyper.from_param_group(self.param_groups[pg_index])
+
+    def _admit(self, group: SymmetryGroup) -> SymmetryGroup:
+        """The group, or an invalidated copy when the theory cannot apply to it."""
+        if not group.valid:
+            return group
+        if group.kind not in KINDS:
+            return group.invalidated(f"unknown kind '{group.kind}'")
+        missing = [n for n in group.params if n not in self._by_name]
+        if missing:
+            return group.invalidated(f"parameter '{missing[0]}' is not optimised")
+        if len({self._hyper_of(self._pg_of[n]) for n in group.params}) > 1:
+            return group.invalidated(
+                "its parameters sit in param groups with different "
+                "lr/momentum/dampening/nesterov/weight_decay"
+            )
+        return group
+
+    def _initial_state(self, group: SymmetryGroup) -> dict[str, torch.Tensor]:
+        """Theory state at step 0 from the measured Q_0 or S_0."""
+        measured = theory.measure(group, self._by_name)  # [size] float64
+        zeros = torch.zeros_like(measured)
+        return {
+            "exact": measured.clone(),
+            "carry": zeros,
+            "paper": measured.clone(),
+            "paper_rate": zeros.clone(),
+            "initial": measured,
+        }
+
+    def _build_bundles(
+        self, state: Mapping[str, Mapping[str, torch.Tensor]], times: Mapping[str, float]
+    ) -> list[_Bundle]:
+        """Packs the per-group state of the valid groups into flat per-bundle vectors."""
+        members: dict[tuple, list[SymmetryGroup]] = {}
+        for g in self.groups:
+            if not g.valid:
+                continue
+            kind = "translation" if g.kind == "translation" else "quadratic"
+            key = (kind, self._pg_of[g.members[0].param], float(times[g.key]))
+            members.setdefault(key, []).append(g)
+        self._multi_pg = {}  # groups whose parameters sit in several param groups
+        for gs in members.values():
+            for g in gs:
+                pgs = sorted({self._pg_of[n] for n in g.params})
+                if len(pgs) > 1:
+                    self._multi_pg[g.key] = pgs
+        ndims = {n: p.ndim for n, p in self._by_name.items()}
+        bundles = []
+        for (kind, pg, time), gs in members.items():
+            names = list(dict.fromkeys(n for g in gs for n in g.params))
+            bundles.append(
+                _Bundle(
+                    kind=kind,
+                    pg=pg,
+                    time=time,
+                    groups=gs,
+                    state={f: torch.cat([state[g.key][f] for g in gs]) for f in THEORY_FIELDS},
+                    params=[self._by_name[n] for n in names],
+                    names=names,
+                    first=self._by_name[gs[0].members[0].param],
+                    reducer=_Reducer(gs, ndims) if kind == "quadratic" else None,
+                )
+            )
+        return bundles
+
+    def _export_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+        """Per-group views of the bundles' state, and per-group times."""
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        times: dict[str, float] = {}
+        for b in self._bundles:
+            sizes = [g.size for g in b.groups]
+            parts = {f: torch.split(t, sizes) for f, t in b.state.items()}
+            for i, g in enumerate(b.groups):
+                state[g.key] = {f: parts[f][i] for f in THEORY_FIELDS}
+                times[g.key] = b.time
+        return state, times
+
+    def _invalidate(self, reasons: Mapping[str, str]) -> None:
+        """Drops the theory of some groups during a run (they stay listed, marked invalid)."""
+        state, times = self._export_state()
+        for key, reason in reasons.items():
+            warnings.warn(f"symmetry group {key}: no more theory ({reason})", stacklevel=3)
+        self.groups = [
+            g.invalidated(reasons[g.key]) if g.key in reasons else g for g in self.groups
+        ]
+        self._bundles = self._build_bundles(state, times)
+
+    def _check_runtime(self) -> None:
+        """Invalidates groups with a parameter without gradient or diverged hyperparameters."""
+        reasons: dict[str, str] = {}
+        for b in self._bundles:
+            if any(p.grad is None for p in b.params):
+                for g in b.groups:
+                    no_grad = [n for n in g.params if self._by_name[n].grad is None]
+                    if no_grad:
+                        reasons[g.key] = (
+                            f"'{no_grad[0]}' had no gradient at step {self._theory_step}"
+                        )
+        for key, pgs in self._multi_pg.items():
+            if key not in reasons and len({self._hyper_of(i) for i in pgs}) > 1:
+                reasons[key] = f"hyperparameters diverged at step {self._theory_step}"
+        if reasons:
+            self._invalidate(reasons)
+
+    # ------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one SGD update and advances the theory of every valid group.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_runtime()
+        products: dict[tuple[int, int], torch.Tensor] = {}
+        terms: dict[int, tuple] = {}  # id(param) -> (v or None, u, stale buffer or None)
+        had: dict[int, bool] = {}  # id(param) -> a momentum buffer existed before the step
+        hps = [theory.Hyper.from_param_group(pg) for pg in self.param_groups]
+        for pg, hp in zip(self.param_groups, hps):
+            params = [p for p in pg["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if hp.weight_decay != 0:
+                d = torch._foreach_add(grads, params, alpha=hp.weight_decay)
+            else:
+                d = grads
+            bufs: list[torch.Tensor | None] = []
+            states = [self.state[p] for p in params]
+            for p, st in zip(params, states):
+                buf = st.get("momentum_buffer")
+                had[id(p)] = buf is not None
+                bufs.append(buf)
+            if hp.momentum != 0:
+                old = [i for i, b in enumerate(bufs) if b is not None]
+                if old:
+                    old_bufs = [bufs[i] for i in old]
+                    torch._foreach_mul_(old_bufs, hp.momentum)
+                    torch._foreach_add_(old_bufs, [d[i] for i in old], alpha=1 - hp.dampening)
+                for i, st in enumerate(states):
+                    if bufs[i] is None:
+                        bufs[i] = st["momentum_buffer"] = d[i].detach().clone()
+                u = torch._foreach_add(d, bufs, alpha=hp.momentum) if hp.nesterov else bufs
+                v = bufs
+            else:
+                u, v = d, [None] * len(params)
+            torch._foreach_add_(params, u, alpha=-hp.lr)
+            if self._bundles:
+                stale = bufs if hp.momentum == 0 else v
+                for p, vi, ui, si in zip(params, v, u, stale):
+                    terms[id(p)] = (vi, ui, si)
+            if self.buffers:
+                self._record_buffers(params, states, grads, d, v, u, hp, products)
+        for b in self._bundles:
+            self._advance(b, hps[b.pg], terms, had, products)
+        self._theory_step += 1
+        return loss
+
+    def _record_buffers(self, params, states, grads, d, v, u, hp: theory.Hyper, products) -> None:
+        """Writes the requested per-parameter buffers of one param group."""
+        if "grad" in self.buffers:
+            _store_copies(states, "grad", grads)
+        if "update" in self.buffers:
+            _store_copies(states, "update", u)
+        if "grad_norm" in self.buffers:
+            for st, g2 in zip(states, _products(products, grads, grads)):
+                st["grad_norm"] = g2
+        if "update_norm" in self.buffers:
+            for st, u2 in zip(states, _products(products, u, u)):
+                st["update_norm"] = u2
+        if hp.dt == 0.0:
+            return
+        if "sgd" in self.buffers:
+            sgd = [st.setdefault("sgd", torch.zeros_like(p)) for st, p in zip(states, params)]
+            torch._foreach_add_(sgd, _products(products, d, d), alpha=hp.lr * hp.lr)
+            torch._foreach_mul_(sgd, math.exp(-2.0 * hp.weight_decay * hp.dt))
+        if "mom" in self.buffers:
+            force = [x if hp.momentum != 0 else y for x, y in zip(v, d)]
+            xs = [st.setdefault("mom", torch.zeros_like(p)) for st, p in zip(states, params)]
+            rates = [
+                st.setdefault("mom_rate", torch.zeros_like(p)) for st, p in zip(states, params)
+            ]
+            torch._foreach_add_(rates, _products(products, force, force), alpha=2 * hp.dt)
+            gamma, omega2 = hp.oscillator("scale")
+            h, green, hdot, gdot = theory.oscillator_coefficients(gamma, omega2, hp.dt)
+            new_x = torch._foreach_mul(xs, h)
+            torch._foreach_add_(new_x, rates, alpha=green)
+            torch._foreach_mul_(rates, gdot)
+            torch._foreach_add_(rates, xs, alpha=hdot)
+            for st, x in zip(states, new_x):
+                st["mom"] = x
+
+    def _advance(self, b: _Bundle, hp: theory.Hyper, terms, had, products) -> None:
+        """Advances one bundle's exact and paper state by the step just taken."""
+        has_buffer = had[id(b.first)]
+        st = b.state
+        if b.kind == "translation":
+            st["exact"], st["carry"] = theory.exact_translation_step(
+                st["exact"], st["carry"], hp, has_buffer
+            )
+            st["paper"], st["paper_rate"] = theory.paper_translation_step(
+                st["paper"], st["paper_rate"], hp
+            )
+        else:
+            # term indices in `terms`: 0 = v, 1 = u, 2 = stale momentum buffer
+            if hp.momentum != 0 and hp.nesterov:
+                pairs = ((1, 1), (1, 0), (0, 0))  # U, C, |v|^2
+            elif hp.momentum != 0:
+                pairs = ((0, 0),)  # U = C = |v|^2
+            elif has_buffer:
+                pairs = ((1, 1), (1, 2))  # U = |d|^2, C = <d, stale buffer>
+            else:
+                pairs = ((1, 1),)  # U = |d|^2
+            sums = b.reducer(_stacked_products(b, terms, products, pairs))  # [L, n] or [n]
+            if len(pairs) == 1:
+                sums = sums[None]  # [1, n]
+            if hp.momentum != 0 and hp.nesterov:
+                uu, uv, forcing = sums[0], sums[1], sums[2]
+            elif hp.momentum != 0:
+                uu = uv = forcing = sums[0]
+            else:
+                uu = forcing = sums[0]
+                uv = sums[1] if has_buffer else None
+            st["exact"], st["carry"] = theory.exact_quadratic_step(
+                st["exact"], st["carry"], uu, uv, hp, has_buffer
+            )
+            st["paper"], st["paper_rate"] = theory.paper_quadratic_step(
+                st["paper"], st["paper_rate"], forcing, hp
+            )
+        b.time += hp.dt
+
+    # ------------------------------------------------------------- state dict
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict plus ``"theory"`` (layout in the module docstring)."""
+        sd = super().state_dict()
+        state, times = self._export_state()
+        sd["theory"] = {
+            "version": THEORY_VERSION,
+            "groups": groups_to_json(self.groups),
+            "param_names": list(self.param_names),
+            "step": self._theory_step,
+            "time": times,
+            "state": {k: {f: t.clone() for f, t in fs.items()} for k, fs in state.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restores torch's state and the theory state exactly (bitwise resumption).
+
+        Raises:
+            CorruptFileError: when the theory entry is missing or does not fit this model.
+        """
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("theory", None)
+        if not isinstance(saved, Mapping) or saved.get("version") != THEORY_VERSION:
+            raise CorruptFileError(
+                "optimizer state has no custom_sgd theory (version 1); resume with the "
+                "optimizer that wrote it or start a new run"
+            )
+        super().load_state_dict(state_dict)
+        self._index_params()
+        groups = groups_from_json(saved["groups"])
+        device = next(iter(self._by_name.values())).device
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for g in groups:
+            if not g.valid:
+                continue
+            fields = saved["state"].get(g.key, {})
+            missing = [n for n in g.params if n not in self._by_name]
+            if missing or set(fields) != set(THEORY_FIELDS):
+                raise CorruptFileError(
+                    f"optimizer theory of {g.key} does not fit this model; resume with the "
+                    "model and optimizer that wrote the checkpoint"
+                )
+            state[g.key] = {f: t.to(device=device, dtype=torch.float64) for f, t in fields.items()}
+        self.groups = groups
+        self._theory_step = int(saved["step"])
+        self._bundles = self._build_bundles(state, saved["time"])
+
+    def theory_snapshot(self) -> dict[str, dict[str, np.ndarray]]:
+        """The current predictions for theta_k, per valid group key.
+
+        Returns:
+            key -> {"exact", "paper", "paper_rate", "carry", "initial": float64 [size],
+            "time": float64 0-d array t_k}.
+        """
+        state, times = self._export_state()
+        return {
+            key: {
+                **{f: t.detach().cpu().numpy().copy() for f, t in fields.items()},
+                "time": np.array(times[key], dtype=np.float64),
+            }
+            for key, fields in state.items()
+        }
+
+
+def _stacked_products(b: _Bundle, terms, products, pairs) -> dict[str, torch.Tensor]:
+    """Per parameter of a bundle, the products of pairs of its step terms.
+
+    Returns:
+        name -> product [*shape] for one pair, else the products stacked [L, *shape].
+    """
+    rows = []
+    for a, c in pairs:
+        left = [terms[id(p)][a] for p in b.params]
+        right = [terms[id(p)][c] for p in b.params]
+        rows.append(_products(products, left, right))
+    if len(pairs) == 1:
+        return dict(zip(b.names, rows[0]))  # [*shape]
+    return {n: torch.stack(xs) for n, xs in zip(b.names, zip(*rows))}  # [L, *shape]
+
+
+def _products(
+    cache: dict, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Elementwise a[i] * b[i], computed once per step per pair (one foreach call)."""
+    keys = [(id(x), id(y)) for x, y in zip(a, b)]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    if todo:
+        done = torch._foreach_mul([a[i] for i in todo], [b[i] for i in todo])
+        for i, x in zip(todo, done):
+            cache[keys[i]] = x
+    return [cache[k] for k in keys]
+
+
+class _Reducer:
+    """Signed per-group sums of elementwise products for all the groups of a bundle.
+
+    Equivalent to ``torch.cat([group_sum(x, g) for g in groups])`` (tested against
+    `Utils.groups.group_sum`), also for inputs with one leading axis [L, *param_shape] (L
+    stacked products sharing each reduction), with one sum over tensor axes per member.
+
+    Args:
+        groups: the groups, in bundle order.
+        ndims: parameter name -> number of dimensions of the parameter.
+    """
+
+    def __init__(self, groups: Sequence[SymmetryGroup], ndims: Mapping[str, int]) -> None:
+        self.groups = list(groups)
+        self.plan = []
+        for g in self.groups:
+            steps = []
+            for m in g.members:
+                nd = ndims[m.param]
+                if m.dim is None:
+                    axes = None
+                else:
+                    dim = m.dim % nd
+                    axes = [d - nd for d in range(nd) if d != dim]  # from the end
+                steps.append((m.param, nd, axes, m.block, m.offset, m.sign))
+            self.plan.append((g.size, steps))
+
+    def __call__(self, products: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Reduces {name: [*lead, *shape]} (lead: none or one axis) to float64 [*lead, total]."""
+        outs = []
+        for size, steps in self.plan:
+            acc = None
+            for name, nd, axes, block, offset, sign in steps:
+                x = products[name]  # [*lead, *shape]
+                lead = x.shape[: x.ndim - nd]
+                if axes is None:
+                    part = x.reshape(*lead, -1).sum(dim=-1, keepdim=True)  # [*lead, 1]
+                else:
+                    part = x.sum(dim=axes) if axes else x  # [*lead, slices]
+                    if block > 1:
+                        part = part.reshape(*lead, -1, block).sum(dim=-1)  # [*lead, n]
+                if offset != 0 or part.shape[-1] != size:
+                    placed = part.new_zeros(*lead, size)  # [*lead, size]
+                    placed[..., offset : offset + part.shape[-1]] = part
+                    part = placed
+                if acc is None:
+                    acc = part if sign > 0 else -part
+                else:
+                    acc = acc.add(part, alpha=sign)
+            outs.append(acc)
+        return torch.cat(outs, dim=-1).to(torch.float64)  # [*lead, total]
+
+
+def _store_copies(states: list[dict], key: str, values: list[torch.Tensor]) -> None:
+    """Copies tensors into ``state[key]``, reusing existing storage of the same shape."""
+    dst, src = [], []
+    for st, x in zip(states, values):
+        old = st.get(key)
+        if old is not None and old.shape == x.shape and old.dtype == x.dtype:
+            dst.append(old)
+            src.append(x)
+        else:
+            st[key] = x.detach().clone()
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+class LAMB(torch.optim.Optimizer):
+    """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning").
+
+    Adam moments with bias correction, r = m_hat / (sqrt(v_hat) + eps), decoupled weight decay
+    added to the update, and a layer-wise (per-tensor) trust ratio ||w|| / ||r + lam w``||
+    (1 when either norm is 0): ``w <- w - lr * trust * (r + lam w)``.
+
+    Args:
+        params: parameters or param groups (named or not).
+        lr: learning rate.
+        betas: (beta1, beta2).
+        eps: added to sqrt(v_hat).
+        weight_decay: decoupled weight decay lam.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise UsageError(
+                f"invalid LAMB hyperparameters lr={lr} betas={betas} eps={eps} "
+                f"weight_decay={weight_decay}; use lr, eps, wd >= 0 and betas in [0, 1)"
+            )
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one LAMB update.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for pg in self.param_groups:
+            beta1, beta2 = pg["betas"]
+            for p in pg["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if "exp_avg" not in st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                t = st["step"]
+                g = p.grad
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                m_hat = m / (1 - beta1**t)
+                v_hat = v / (1 - beta2**t)
+                r = m_hat / (v_hat.sqrt() + pg["eps"])
+                if pg["weight_decay"] != 0:
+                    r.add_(p, alpha=pg["weight_decay"])
+                w_norm = torch.linalg.vector_norm(p)
+                r_norm = torch.linalg.vector_norm(r)
+                trust = torch.where(
+                    (w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm)
+                )
+                p.sub_(r * (trust * pg["lr"]))
+        return loss
+
+
+class _BufferRecorder:
+    """Records grad/update buffers of any optimizer with step pre- and post-hooks.
+
+    ``update = (theta_before - theta_after) / lr`` (zero when lr is 0).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, names: Sequence[str]) -> None:
+        self.names = set(names)
+        self._saved: list[tuple] = []
+        optimizer.register_step_pre_hook(self.before)
+        optimizer.register_step_post_hook(self.after)
+
+    def before(self, optimizer, args, kwargs) -> None:
+        """Keeps g_k, theta_k and lr before the step."""
+        want_grad = bool(self.names & {"grad", "grad_norm"})
+        want_update = bool(self.names & {"update", "update_norm"})
+        self._saved = [
+            (
+                p,
+                float(pg["lr"]),
+                p.grad.detach().clone() if want_grad else None,
+                p.detach().clone() if want_update else None,
+            )
+            for pg in optimizer.param_groups
+            for p in pg["params"]
+            if p.grad is not None
+        ]
+
+    def after(self, optimizer, args, kwargs) -> None:
+        """Writes the buffers into ``optimizer.state[p]``."""
+        with torch.no_grad():
+            for p, lr, g, before in self._saved:
+                st = optimizer.state[p]
+                if "grad" in self.names:
+                    st["grad"] = g
+                if "grad_norm" in self.names:
+                    st["grad_norm"] = g * g
+                if before is not None:
+                    u = before.sub_(p).div_(lr) if lr != 0 else torch.zeros_like(p)
+                    if "update" in self.names:
+                        st["update"] = u
+                    if "update_norm" in self.names:
+                        st["update_norm"] = u * u
+        self._saved = []
+
+
+@OPTIMIZERS.register("custom_sgd", tracking=True)
+def _custom_sgd(named_params, *, lr, momentum, dampening, weight_decay, nesterov, groups, buffers):
+    return TrackingSGD(
+        named_params,
+        lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        groups=groups,
+        buffers=buffers,
+    )
+
+
+@OPTIMIZERS.register("sgd", tracking=False)
+def _sgd(named_params, *, lr, momentum, dampening, weight_decay, nesterov, **_):
+    _check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov)
+    return torch.optim.SGD(
+        named_params,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+    )
+
+
+@OPTIMIZERS.register("momentum", tracking=False)
+def _momentum(named_params, *, momentum, **kw):
+    if momentum <= 0:
+        raise UsageError("optimizer 'momentum' needs --momentum > 0 (e.g. --momentum 0.9)")
+    return _sgd(named_params, momentum=momentum, **kw)
+
+
+@OPTIMIZERS.register("adam", tracking=False)
+def _adam(named_params, *, lr, weight_decay, **_):
+    return torch.optim.Adam(named_params, lr=lr, weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("adamw", tracking=False)
+def _adamw(named_params, *, lr, weight_decay, **_):
+    return torch.optim.AdamW(named_params, lr=lr, weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("rms", tracking=False)
+def _rms(named_params, *, lr, momentum, weight_decay, **_):
+    return torch.optim.RMSprop(named_params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("lamb", tracking=False)
+def _lamb(named_params, *, lr, weight_decay, **_):
+    return LAMB(named_params, lr=lr, weight_decay=weight_decay)
+
+
+def build_optimizer(
+    name: str,
+    named_params: Iterable[tuple[str, nn.Parameter]] | Iterable[dict],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    groups: Sequence[SymmetryGroup] = (),
+    buffers: Sequence[str] = (),
+) -> torch.optim.Optimizer:
+    """Builds a registered optimizer over named parameters.
+
+    Args:
+        name: a name in `OPTIMIZERS`.
+        named_params: ``(name, parameter)`` pairs (e.g. ``model.named_parameters()``), or
+            torch-style param-group dicts whose ``"params"`` are such pairs.
+        lr: learning rate.
+        momentum: beta (SGD, momentum, rms; custom_sgd).
+        dampening: delta (SGD-like optimizers).
+        weight_decay: coupled weight decay (decoupled for adamw and lamb).
+        nesterov: nesterov momentum (SGD-like optimizers).
+        groups: symmetry groups for custom_sgd's theory (ignored by the others).
+        buffers: names in `BUFFERS` to keep in ``optimizer.state[p]``.
+
+    Returns:
+        The optimizer, with ``param_names`` (state-dict index order).
+
+    Raises:
+        UnknownNameError: unknown optimizer or buffer name.
+        UsageError: invalid hyperparameters, or sgd/mom buffers without custom_sgd.
+    """
+    factory = OPTIMIZERS.get(name)
+    buffers = tuple(BUFFERS.get(b).name for b in buffers)
+    tracking = OPTIMIZERS.meta(name)["tracking"]
+    only = [b for b in buffers if BUFFERS.meta(b)["tracking_only"]]
+    if only and not tracking:
+        raise UsageError(
+            f"buffer(s) {','.join(only)} need --optimizer custom_sgd; drop them or switch"
+        )
+    try:
+        opt = factory(
+            named_params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            groups=tuple(groups),
+            buffers=buffers,
+        )
+    except ValueError as err:
+        raise UsageError(f"optimizer {name}: {err}") from None
+    if not tracking:
+        opt.param_names = [n for pg in opt.param_groups for n in pg.get("param_names", [])]
+        if buffers:
+            opt._buffer_recorder = _BufferRecorder(opt, buffers)
+    return opt

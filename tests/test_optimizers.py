@@ -1,0 +1,417 @@
+"""Optimizers: TrackingSGD == torch.optim.SGD, buffers, LAMB, names, state-dict round trip."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from Utils import theory
+from Utils.errors import CorruptFileError, UnknownNameError, UsageError
+from Utils.groups import Member, SymmetryGroup, group_sum
+from Utils.optimizers import BUFFERS, LAMB, OPTIMIZERS, TrackingSGD, _Reducer, build_optimizer
+
+SGD_CONFIGS = {
+    "plain": {},
+    "plain_wd": {"weight_decay": 1e-2},
+    "momentum": {"momentum": 0.9, "weight_decay": 1e-2},
+    "dampening": {"momentum": 0.8, "dampening": 0.3, "weight_decay": 1e-2},
+    "nesterov": {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+}
+
+
+def mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """Linear(6, 8) -> ReLU -> Linear(8, 7) -> ReLU -> Linear(7, 3)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3)
+    ).to(dtype)
+
+
+def mlp_groups() -> list[SymmetryGroup]:
+    """Rescale 0->2 and 2->4 and translation at 4, built by hand."""
+
+    def rescale(a: str, b: str, size: int) -> SymmetryGroup:
+        members = (
+            Member(f"{a}.weight", 0),
+            Member(f"{a}.bias", 0),
+            Member(f"{b}.weight", 1, sign=-1),
+        )
+        return SymmetryGroup("rescale", f"{a}->{b}", size, members)
+
+    return [
+        rescale("0", "2", 8),
+        rescale("2", "4", 7),
+        SymmetryGroup(
+            "translation", "4", 8, (Member("4.weight", 1), Member("4.bias", None, offset=7))
+        ),
+    ]
+
+
+def param_groups(model: nn.Module, config: dict) -> list[dict]:
+    """Two torch param groups: the first layer (lr 0.1, twice the wd) and the rest."""
+    named = list(model.named_parameters())
+    wd = config.get("weight_decay", 0.0)
+    return [
+        {"params": named[:2], "lr": 0.1, "weight_decay": 2 * wd},
+        {"params": named[2:], "lr": 0.05, "weight_decay": wd},
+    ]
+
+
+def batches(steps: int, dtype: torch.dtype, seed: int = 1):
+    """Deterministic random batches (x [16, 6], labels [16])."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(16, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (16,), generator=gen))
+        for _ in range(steps)
+    ]
+
+
+def run_steps(model, opt, sched, data) -> None:
+    """Plain training loop with cross-entropy."""
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_groups", [False, True])
+@pytest.mark.parametrize("config", sorted(SGD_CONFIGS))
+def test_tracking_sgd_equals_torch_sgd(config, with_groups, dtype):
+    cfg = SGD_CONFIGS[config]
+    hyper = {k: v for k, v in cfg.items() if k != "weight_decay"}
+    ref_model, model = mlp(dtype), mlp(dtype)
+    ref = torch.optim.SGD(param_groups(ref_model, cfg), lr=0.1, **hyper)
+    groups = mlp_groups() if with_groups else ()
+    opt = TrackingSGD(param_groups(model, cfg), lr=0.1, groups=groups, **hyper)
+    scheds = [torch.optim.lr_scheduler.MultiStepLR(o, [50], 0.1) for o in (ref, opt)]
+    data = batches(100, dtype)
+    run_steps(ref_model, ref, scheds[0], data)
+    run_steps(model, opt, scheds[1], data)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.005)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), name
+        if cfg.get("momentum"):
+            assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+    assert opt.param_names == [n for n, _ in model.named_parameters()]
+    if with_groups:
+        valid = {g.key: g.valid for g in opt.groups}
+        # 0->2 spans both param groups (different lr): no theory; the others have theory
+        assert valid == {"rescale/0->2": False, "rescale/2->4": True, "translation/4": True}
+        assert "different" in opt.groups[0].reason
+        snap = opt.theory_snapshot()
+        assert set(snap) == {"rescale/2->4", "translation/4"}
+        params = dict(model.named_parameters())
+        for g in opt.groups[1:]:
+            measured = theory.measure(g, params).numpy()
+            scale = np.abs(measured).max()
+            tol = 1e-9 if dtype == torch.float64 else 1e-3  # float32 round-off
+            np.testing.assert_allclose(snap[g.key]["exact"], measured, atol=tol * scale)
+            assert snap[g.key]["time"] == pytest.approx(
+                50 * 0.05 * (1 - cfg.get("dampening", 0)) * 1.1
+            )
+
+
+def test_snapshot_at_step_zero_is_the_measurement():
+    model = mlp()
+    opt = build_optimizer("custom_sgd", model.named_parameters(), lr=0.1, groups=mlp_groups())
+    snap = opt.theory_snapshot()
+    theory_sd = opt.state_dict()["theory"]
+    params = dict(model.named_parameters())
+    for g in mlp_groups():
+        measured = theory.measure(g, params).numpy()
+        for field in ("exact", "paper", "initial"):
+            assert np.array_equal(snap[g.key][field], measured)
+            assert np.array_equal(theory_sd["state"][g.key][field].numpy(), measured)
+        assert snap[g.key]["time"] == 0.0 and theory_sd["time"][g.key] == 0.0
+    assert theory_sd["step"] == 0 and theory_sd["param_names"] == list(params)
+
+
+@pytest.mark.parametrize("name", ["custom_sgd", "adam", "lamb", "sgd"])
+def test_grad_and_update_buffers(name):
+    model = mlp()
+    buffers = ("grad", "update", "grad_norm", "update_norm")
+    kwargs = {"momentum": 0.9, "nesterov": True} if name in ("custom_sgd", "sgd") else {}
+    opt = build_optimizer(
+        name, model.named_parameters(), lr=0.05, weight_decay=1e-2, buffers=buffers, **kwargs
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [3], 0.5)
+    for x, y in batches(6, torch.float64):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        lr = opt.param_groups[0]["lr"]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        sched.step()
+        for n, p in model.named_parameters():
+            st = opt.state[p]
+            assert torch.equal(st["grad"], grads[n])
+            assert torch.equal(st["grad_norm"], grads[n] ** 2)
+            update = (before[n] - p.detach()) / lr
+            scale = before[n].abs().max() / lr
+            torch.testing.assert_close(st["update"], update, rtol=0, atol=1e-14 * scale)
+            torch.testing.assert_close(st["update_norm"], st["update"] ** 2, rtol=1e-15, atol=0)
+    assert opt.param_names == [n for n, _ in model.named_parameters()]
+
+
+def test_sgd_and_mom_buffers_give_the_paper_prediction():
+    """group_sum(sgd) + exp(-2 lam t) Q_0 and group_sum(mom) + h(t) Q_0 equal the paper's X."""
+    lam = 1e-2
+    for momentum, buffer in ((0.0, "sgd"), (0.9, "mom")):
+        model = mlp()
+        opt = build_optimizer(
+            "custom_sgd",
+            model.named_parameters(),
+            lr=0.1,
+            momentum=momentum,
+            weight_decay=lam,
+            groups=mlp_groups(),
+            buffers=(buffer,),
+        )
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [20 if momentum == 0 else 1000], 0.1)
+        run_steps(model, opt, sched, batches(40, torch.float64))
+        snap = opt.theory_snapshot()
+        per_param = {n: opt.state[p][buffer] for n, p in model.named_parameters()}
+        for g in mlp_groups()[:2]:
+            s = snap[g.key]
+            forced = group_sum(per_param, g).numpy()
+            if momentum == 0:
+                homogeneous = math.exp(-2 * lam * s["time"]) * s["initial"]
+            else:
+                hp = theory.Hyper(0.1, momentum, 0.0, lam)
+                gamma, omega2 = hp.oscillator("scale")
+                homogeneous = theory.oscillator_coefficients(gamma, omega2, float(s["time"]))[0]
+                homogeneous = homogeneous * s["initial"]
+            np.testing.assert_allclose(forced + homogeneous, s["paper"], rtol=1e-12)
+            assert np.abs(forced).max() > 1e-6  # the forcing matters
+
+
+def numpy_lamb(w, b, x, y, steps, lr, wd, betas=(0.9, 0.999), eps=1e-6):
+    """LAMB from You et al. 2019 on least squares 0.5 mean |x W^T + b - y|^2, in NumPy."""
+    params = [w.copy(), b.copy()]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    history = []
+    for t in range(1, steps + 1):
+        r = x @ params[0].T + params[1] - y  # [B, out]
+        grads = [r.T @ x / len(x), r.sum(axis=0) / len(x)]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+            m_hat = m[i] / (1 - betas[0] ** t)
+            v_hat = v[i] / (1 - betas[1] ** t)
+            update = m_hat / (np.sqrt(v_hat) + eps) + wd * p
+            w_norm, u_norm = np.linalg.norm(p), np.linalg.norm(update)
+            trust = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+            params[i] = p - lr * trust * update
+        history.append([p.copy() for p in params])
+    return history
+
+
+def test_lamb_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 4)), rng.normal(size=(32, 3))
+    w0, b0 = rng.normal(size=(3, 4)), np.zeros(3)  # zero bias: trust ratio 1 on step 1
+    layer = nn.Linear(4, 3).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(w0))
+        layer.bias.copy_(torch.from_numpy(b0))
+    opt = build_optimizer("lamb", layer.named_parameters(), lr=0.02, weight_decay=0.01)
+    assert isinstance(opt, LAMB)
+    expected = numpy_lamb(w0, b0, x, y, steps=25, lr=0.02, wd=0.01)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    for want_w, want_b in expected:
+        opt.zero_grad()
+        (0.5 * ((layer(tx) - ty) ** 2).sum(dim=1).mean()).backward()
+        opt.step()
+        np.testing.assert_allclose(layer.weight.detach().numpy(), want_w, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(layer.bias.detach().numpy(), want_b, rtol=1e-12, atol=1e-14)
+    assert np.abs(expected[-1][1]).max() > 1e-3  # the bias moved off zero
+
+
+def test_every_registered_optimizer_builds_and_steps():
+    assert set(OPTIMIZERS.names()) == {
+        "custom_sgd",
+        "sgd",
+        "momentum",
+        "adam",
+        "adamw",
+        "rms",
+        "lamb",
+    }
+    assert set(BUFFERS.names()) == {"grad", "update", "grad_norm", "update_norm", "sgd", "mom"}
+    for name in OPTIMIZERS.names():
+        model = mlp()
+        opt = build_optimizer(name, model.named_parameters(), lr=0.01, momentum=0.9)
+        before = [p.detach().clone() for p in model.parameters()]
+        x, y = batches(1, torch.float64)[0]
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), name
+        assert opt.param_names[0] == "0.weight"
+
+
+def test_bad_names_and_values():
+    named = list(mlp().named_parameters())
+    with pytest.raises(UnknownNameError, match="custom_sgd"):
+        build_optimizer("nope", named, lr=0.1)
+    with pytest.raises(UnknownNameError, match="update_norm"):
+        build_optimizer("custom_sgd", named, lr=0.1, buffers=("grad", "nope"))
+    with pytest.raises(UsageError, match="custom_sgd"):
+        build_optimizer("adam", named, lr=0.1, buffers=("sgd",))
+    with pytest.raises(UsageError, match="momentum"):
+        build_optimizer("momentum", named, lr=0.1)
+    for name in ("custom_sgd", "sgd"):
+        with pytest.raises(UsageError, match="nesterov"):
+            build_optimizer(name, named, lr=0.1, nesterov=True)
+        with pytest.raises(UsageError, match="nesterov"):
+            build_optimizer(name, named, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)
+        with pytest.raises(UsageError, match="lr"):
+            build_optimizer(name, named, lr=-1.0)
+    with pytest.raises(UsageError):
+        build_optimizer("adam", named, lr=-1.0)
+    for err in (UnknownNameError, UsageError):
+        assert issubclass(err, UsageError)
+
+
+def test_reducer_equals_group_sum():
+    """The fused reducer of TrackingSGD against Utils.groups.group_sum, with a step axis."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": (5, 3, 2, 2), "b": (5,), "c": (4, 20), "d": (4,)}
+    groups = [
+        SymmetryGroup("scale", "a", 5, (Member("a", 0), Member("b", 0))),
+        SymmetryGroup(
+            "rescale", "a->c", 5, (Member("a", 0), Member("b", 0), Member("c", 1, 4, sign=-1))
+        ),
+        SymmetryGroup("translation", "c", 21, (Member("c", 1), Member("d", None, offset=20))),
+        SymmetryGroup("rescale", "odd", 4, (Member("d", 0, offset=0), Member("c", 0, sign=-1))),
+    ]
+    x = {n: torch.randn(3, *s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    reducer = _Reducer(groups, {n: len(s) for n, s in shapes.items()})
+    stacked = reducer(x)  # [3, total]
+    single = reducer({n: t[1] for n, t in x.items()})  # [total]
+    for row in range(3):
+        want = torch.cat([group_sum({n: t[row] for n, t in x.items()}, g) for g in groups])
+        torch.testing.assert_close(stacked[row], want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(single, stacked[1], rtol=0, atol=0)
+
+
+def make_run(buffers=("grad", "update", "sgd", "mom")):
+    """A model, TrackingSGD (heavy ball + wd, groups, buffers) and a MultiStepLR at 40."""
+    model = mlp(torch.float32)
+    opt = build_optimizer(
+        "custom_sgd",
+        model.named_parameters(),
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-3,
+        groups=mlp_groups(),
+        buffers=buffers,
+    )
+    return model, opt, torch.optim.lr_scheduler.MultiStepLR(opt, [40], 0.1)
+
+
+def assert_same(a, b, path="") -> None:
+    """Bitwise equality of nested state (tensors, numbers, strings)."""
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+def test_state_dict_round_trip_is_bitwise():
+    data = batches(60, torch.float32)
+    model, opt, sched = make_run()
+    run_steps(model, opt, sched, data)
+
+    first, first_opt, first_sched = make_run()
+    run_steps(first, first_opt, first_sched, data[:30])
+    blob = io.BytesIO()
+    torch.save(
+        {
+            "model": first.state_dict(),
+            "opt": first_opt.state_dict(),
+            "sched": first_sched.state_dict(),
+        },
+        blob,
+    )
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=True)
+    resumed, resumed_opt, resumed_sched = make_run()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    resumed_sched.load_state_dict(saved["sched"])
+    run_steps(resumed, resumed_opt, resumed_sched, data[30:])
+
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+    assert_same(opt.state_dict(), resumed_opt.state_dict())
+    assert opt.state_dict()["theory"]["step"] == 60
+    assert set(opt.state_dict()["state"][0]) >= {"momentum_buffer", "grad", "update", "sgd", "mom"}
+
+
+def test_load_refuses_a_state_without_theory():
+    model = mlp()
+    plain = torch.optim.SGD(model.named_parameters(), lr=0.1)
+    opt = build_optimizer("custom_sgd", model.named_parameters(), lr=0.1)
+    with pytest.raises(CorruptFileError, match="theory"):
+        opt.load_state_dict(plain.state_dict())
+
+
+def test_group_loses_theory_when_a_parameter_gets_no_gradient():
+    model = mlp()
+    opt = build_optimizer("custom_sgd", model.named_parameters(), lr=0.1, groups=mlp_groups())
+    x, y = batches(1, torch.float64)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    model[4].bias.grad = None
+    with pytest.warns(UserWarning, match="translation/4"):
+        opt.step()
+    valid = {g.key: g.valid for g in opt.groups}
+    assert valid == {"rescale/0->2": True, "rescale/2->4": True, "translation/4": False}
+    assert "4.bias" in opt.groups[2].reason
+    assert set(opt.theory_snapshot()) == {"rescale/0->2", "rescale/2->4"}
+    restored = build_optimizer("custom_sgd", model.named_parameters(), lr=0.1, groups=mlp_groups())
+    restored.load_state_dict(opt.state_dict())
+    assert [g.valid for g in restored.groups] == [True, True, False]
+
+
+def test_group_across_param_groups_with_equal_hyperparameters():
+    """Valid while the two param groups agree; loses its theory when a scheduler splits them."""
+    model = mlp()
+    named = list(model.named_parameters())
+    pgs = [{"params": named[:2]}, {"params": named[2:]}]
+    opt = build_optimizer("custom_sgd", pgs, lr=0.1, momentum=0.9, groups=mlp_groups())
+    assert all(g.valid for g in opt.groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda k: 1.0, lambda k: 0.5 ** (k >= 3)])
+    params = dict(named)
+    for i, (x, y) in enumerate(batches(5, torch.float64)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if i == 3:
+            with pytest.warns(UserWarning, match="rescale/0->2"):
+                opt.step()
+        else:
+            opt.step()
+        sched.step()
+        if i == 2:
+            snap = opt.theory_snapshot()["rescale/0->2"]
+            measured = theory.measure(mlp_groups()[0], params).numpy()
+            np.testing.assert_allclose(snap["exact"], measured, rtol=1e-12)
+    assert [g.valid for g in opt.groups] == [False, True, True]
+    assert "diverged" in opt.groups[0].reason
