@@ -109,8 +109,18 @@ def test_bad_flags_one_line_exit_2(tmp_path, args, needle):
 
 
 def test_unknown_model_is_one_line(tmp_path):
-    out = run_cli("--expid", "x", "--save-dir", str(tmp_path), "--dataset", "synthetic",
-                  "--model", "nope", "--epochs", "1")
+    out = run_cli(
+        "--expid",
+        "x",
+        "--save-dir",
+        str(tmp_path),
+        "--dataset",
+        "synthetic",
+        "--model",
+        "nope",
+        "--epochs",
+        "1",
+    )
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "nope" in lines[0] and "vgg-demo" in lines[0], out.stderr
@@ -162,9 +172,23 @@ def test_run_writes_checkpoints_with_everything(tmp_path):
 
 
 def test_existing_run_refused_then_resume_and_overwrite(tmp_path):
-    args = ["--experiment", "t", "--expid", "a", "--save-dir", str(tmp_path), "--dataset",
-            "synthetic", "--model", "logistic", "--epochs", "1", "--train-batch-size", "1024",
-            "--no-progress"]
+    args = [
+        "--experiment",
+        "t",
+        "--expid",
+        "a",
+        "--save-dir",
+        str(tmp_path),
+        "--dataset",
+        "synthetic",
+        "--model",
+        "logistic",
+        "--epochs",
+        "1",
+        "--train-batch-size",
+        "1024",
+        "--no-progress",
+    ]
     assert run_cli(*args).returncode == 0
     again = run_cli(*args)
     assert again.returncode != 0
@@ -199,25 +223,58 @@ def test_no_expid_saves_nothing(tmp_path):
 
 
 def test_restore_path_from_other_model_is_refused(tmp_path):
-    first = train({**TINY, "epochs": 1, "model": "logistic", "expid": "a",
-                   "save_dir": str(tmp_path)})
+    first = train(
+        {**TINY, "epochs": 1, "model": "logistic", "expid": "a", "save_dir": str(tmp_path)}
+    )
     path = list_checkpoints(first.run_dir)[-1]
-    out = run_cli("--experiment", "t", "--expid", "b", "--save-dir", str(tmp_path),
-                  "--dataset", "synthetic", "--model", "fc-bn", "--epochs", "1",
-                  "--restore-path", path, "--no-progress")
+    out = run_cli(
+        "--experiment",
+        "t",
+        "--expid",
+        "b",
+        "--save-dir",
+        str(tmp_path),
+        "--dataset",
+        "synthetic",
+        "--model",
+        "fc-bn",
+        "--epochs",
+        "1",
+        "--restore-path",
+        path,
+        "--no-progress",
+    )
     assert out.returncode != 0 and "different model" in out.stderr
     assert "Traceback" not in out.stderr
-    ok = train({**TINY, "epochs": 1, "model": "logistic", "expid": "c", "save_dir": str(tmp_path),
-                "restore_path": path})
+    ok = train(
+        {
+            **TINY,
+            "epochs": 1,
+            "model": "logistic",
+            "expid": "c",
+            "save_dir": str(tmp_path),
+            "restore_path": path,
+        }
+    )
     start = load_checkpoint(list_checkpoints(ok.run_dir)[0])
     end = load_checkpoint(path)
     assert_equal_nested(start["model"], end["model"])
 
 
 def test_float64_training_and_log_schedule(tmp_path):
-    result = train({**TINY, "epochs": 1, "dtype": "float64", "expid": "f64",
-                    "save_dir": str(tmp_path), "save_schedule": "log", "num_checkpoints": 4})
+    result = train(
+        {
+            **TINY,
+            "epochs": 1,
+            "dtype": "float64",
+            "expid": "f64",
+            "save_dir": str(tmp_path),
+            "save_schedule": "log",
+            "num_checkpoints": 4,
+        }
+    )
     ckpts = [load_checkpoint(p) for p in list_checkpoints(result.run_dir)]
-    assert all(v.dtype == torch.float64 for v in ckpts[-1]["model"].values()
-               if v.is_floating_point())
+    assert all(
+        v.dtype == torch.float64 for v in ckpts[-1]["model"].values() if v.is_floating_point()
+    )
     assert [c["step"] for c in ckpts][0] == 0 and ckpts[-1]["step"] == 8
