@@ -11,8 +11,10 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +28,6 @@ from Utils import fileio
 from Utils.checkpoint import (
     CheckpointWriter,
     latest_valid_checkpoint,
-    load_checkpoint,
     rng_state,
     save_steps,
     set_rng_state,
@@ -67,7 +68,7 @@ class RunResult:
 
 
 def resolve_device(cfg: dict[str, Any], ctx: DistContext) -> torch.device:
-    """The torch device for this process from --device/--gpu/--tpu."""
+    """The torch device for this process from --device/--gpu/--tpu (GPU ``LOCAL_RANK`` under DDP)."""
     name = "xla" if cfg.get("tpu") else cfg["device"]
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,14 +82,9 @@ def resolve_device(cfg: dict[str, Any], ctx: DistContext) -> torch.device:
             )
         return torch.device("cuda", index)
     if name == "xla":
-        try:
-            import torch_xla.core.xla_model as xm
-        except ImportError:
-            raise UsageError(
-                "--device xla needs torch-xla: pip install -r requirements-tpu.txt "
-                "(see README, 'Running on a TPU')"
-            ) from None
-        return xm.xla_device()
+        from Utils import xla
+
+        return xla.device()
     return torch.device("cpu")
 
 
@@ -147,19 +143,36 @@ def overwrite_hint(cfg: dict[str, Any]) -> str:
     return base
 
 
+def lock_path(run_dir: str) -> str:
+    """The lock file of a run, which holds the PID of the process writing it.
+
+    ``<run>/.lock`` for local runs; for URL runs (gs://, s3://) a local file named after the
+    URL in ``$NM_LOCK_DIR`` (default ``<tmp>/neural-mechanics-locks``); "" for memory://
+    runs, which live inside one process. scripts/kill_all.sh reads these files.
+    """
+    if not fileio.is_url(run_dir):
+        return os.path.join(fileio.local_path(run_dir), ".lock")
+    if run_dir.startswith("memory://"):
+        return ""
+    folder = os.environ.get("NM_LOCK_DIR") or os.path.join(
+        tempfile.gettempdir(), "neural-mechanics-locks"
+    )
+    return os.path.join(folder, re.sub(r"[^A-Za-z0-9._-]+", "_", run_dir) + ".lock")
+
+
 class RunLock:
-    """A lock file that stops two processes from writing the same run.
+    """A lock file that stops two processes of this machine from writing the same run.
 
     Args:
-        run_dir: the run folder (local paths only; remote runs are not locked).
+        run_dir: the run folder (see `lock_path` for where the lock lives).
         force: take the lock even if another live process holds it (--overwrite).
     """
 
     def __init__(self, run_dir: str, force: bool = False) -> None:
-        self.path = "" if fileio.is_url(run_dir) else os.path.join(run_dir, ".lock")
+        self.path = lock_path(run_dir)
         if not self.path:
             return
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -228,7 +241,11 @@ def prepare_run_dir(cfg: dict[str, Any]) -> str:
 
 
 def load_resume_config(run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The stored config of a run being resumed, with this invocation's machine flags."""
+    """The stored config of a run being resumed, with this invocation's machine and location flags.
+
+    The machine flags (device, processes) may change between the interrupted and the
+    resumed run: global batches do not depend on how many processes share them.
+    """
     path = fileio.join(run_dir, "hyperparameters.json")
     try:
         stored = fileio.read_json(path)["config"]
@@ -237,7 +254,20 @@ def load_resume_config(run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
             f"{path} is not a valid hyperparameters file; restore it or start again with "
             "--overwrite"
         ) from None
-    keep = ("device", "gpu", "tpu", "workers", "verbose", "no_progress", "sync_save", "resume")
+    keep = (
+        "device",
+        "gpu",
+        "tpu",
+        "workers",
+        "verbose",
+        "no_progress",
+        "sync_save",
+        "resume",
+        "experiment",
+        "expid",
+        "save_dir",
+        "overwrite",
+    )
     merged = {**cfg, **{k: v for k, v in stored.items() if k not in keep}}
     merged["resume"] = True
     return merged
@@ -310,6 +340,16 @@ def detect_groups(model: nn.Module, cfg: dict[str, Any], data, device, dtype) ->
     return groups
 
 
+def batches(stream, epoch: int, first: int, device: torch.device):
+    """This rank's batches of one epoch; on XLA through ``MpDeviceLoader`` (one step each)."""
+    it = stream.epoch(epoch, first)
+    if device.type != "xla":
+        return it
+    from Utils import xla
+
+    return xla.device_loader(it, len(stream) - first, device)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, stream, loss_fn, device, dtype, ctx: DistContext, task: str
@@ -318,13 +358,15 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    for x, y in stream.epoch(0):
+    for x, y in batches(stream, 0, 0, device):
+        n = x.shape[0]
+        if n == 0:  # this rank's slice of a short last batch
+            continue
         x = x.to(device=device, dtype=dtype, non_blocking=True)
         y = y.to(device=device, non_blocking=True)
         if y.is_floating_point():
             y = y.to(dtype)
         out = model(x)  # [B, C]
-        n = x.shape[0]
         sums[0] += loss_fn(out, y).double() * n
         if task == "classification":
             k = min(5, out.shape[1])
@@ -359,45 +401,114 @@ def _progress(total: int, disable: bool, desc: str, leave: bool = True, position
 def train(config: dict[str, Any]) -> RunResult:
     """Trains as train.py does, from a config dict (missing keys take the flag defaults).
 
+    One process by default; under ``torchrun`` every process calls this and they train
+    together (DDP); with ``--device xla``/``--tpu`` it launches the XLA processes itself.
+
     Args:
         config: flag values with underscores (e.g. ``{"dataset": "synthetic", "lr": 0.1}``).
 
     Returns:
-        A `RunResult`.
+        A `RunResult` (on ranks other than 0, `checkpoints` is 0: only rank 0 writes).
 
     Raises:
         UserError: any problem the user can fix (bad value, missing data, existing run...).
     """
+    from Utils import xla
     from Utils.flags import default_config, validate_train_config
 
     cfg = {**default_config(), **config}
     validate_train_config(cfg)
-    device_type = "cuda" if (cfg["device"] == "cuda" or cfg["device"] == "auto") else "cpu"
+    if xla.uses_xla(cfg):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--device xla starts its own processes; run train.py without torchrun")
+        return xla.spawn_train(cfg)
+    device_type = "cuda" if cfg["device"] in ("cuda", "auto") else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
         device_type = "cpu"
     ctx = init_from_env(device_type)
     try:
-        return _train(cfg, ctx)
+        return run_training(cfg, ctx)
     finally:
         shutdown(ctx)
 
 
-def _train(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
+def _decide_run(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Rank 0's checks of the run folder: (run folder, config with the stored one on --resume)."""
+    run_dir = prepare_run_dir(cfg)
+    if cfg["resume"] and run_dir:
+        cfg = load_resume_config(run_dir, cfg)
+    return run_dir, cfg
+
+
+def _take_run_dir(run_dir: str, cfg: dict[str, Any]) -> RunLock | None:
+    """Rank 0 locks the run folder and, for --overwrite, empties it."""
+    if not run_dir:
+        return None
+    lock = RunLock(run_dir, force=cfg["overwrite"])
+    if cfg["overwrite"] and not cfg["resume"]:
+        for name in fileio.listdir(run_dir):
+            if name != ".lock":
+                fileio.remove(fileio.join(run_dir, name))
+    return lock
+
+
+def _load_resume(run_dir: str) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Rank 0 reads the newest valid checkpoint (on the CPU) and the metrics before it."""
+    ckpt, skipped = latest_valid_checkpoint(run_dir, map_location="cpu")
+    for path in skipped:
+        print(f"warning: skipping corrupt checkpoint {path}", file=sys.stderr)
+    if ckpt is None:
+        raise UserError(f"--resume: no valid checkpoint in {run_dir}; start again with --overwrite")
+    history: list[dict[str, float]] = []
+    mpath = fileio.join(run_dir, "metrics.json")
+    if fileio.exists(mpath):
+        history = [h for h in fileio.read_json(mpath) if h["step"] <= ckpt["step"]]
+    return ckpt, history
+
+
+def _stored_groups(run_dir: str) -> list | None:
+    """The groups of a run being resumed (None when it has no groups.json)."""
+    from Utils.groups import groups_from_json
+
+    path = fileio.join(run_dir, "groups.json")
+    if not fileio.exists(path):
+        return None
+    return groups_from_json(json.dumps(fileio.read_json(path)))
+
+
+def _state_tensors(model: nn.Module, optimizer) -> list[torch.Tensor]:
+    """Parameters and theory state: what every replica must hold identically."""
+    tensors = [p for p in model.parameters()]
+    if hasattr(optimizer, "theory_snapshot"):
+        for fields in optimizer.theory_snapshot().values():
+            tensors += [torch.from_numpy(np.asarray(fields[k])) for k in sorted(fields)]
+    return tensors
+
+
+def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
+    """The training loop of one process of a run (single, DDP rank or XLA replica).
+
+    Args:
+        cfg: the complete, validated config.
+        ctx: this process's place in the run (see `Utils.distributed`).
+
+    Returns:
+        A `RunResult`.
+    """
     from Utils.data import get_data
+    from Utils.distributed import ReplicaMismatchError, fingerprint, global_batch_size, slice_loss
     from Utils.groups import groups_to_json
     from Utils.losses import loss_fn as get_loss
     from Utils.optimizers import build_optimizer
     from Utils.registry import parse_name_list
 
-    run_dir = prepare_run_dir(cfg) if ctx.is_master else run_dir_of(cfg)
-    ctx.barrier()
-    if cfg["resume"] and run_dir:
-        cfg = load_resume_config(run_dir, cfg)
+    run_dir, cfg = ctx.on_master(lambda: _decide_run(cfg), share=True)
     if not cfg["expid"] and ctx.is_master:
         warnings.warn("--expid is empty: training without saving anything", stacklevel=2)
 
     set_determinism(cfg["seed"], cfg["deterministic"])
     device = resolve_device(cfg, ctx)
+    on_xla = device.type == "xla"
     dtype = torch.float64 if cfg["dtype"] == "float64" else torch.float32
     data = get_data(
         cfg["dataset"],
@@ -407,36 +518,42 @@ def _train(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
         seed=cfg["seed"],
         workers=cfg["workers"],
         augment=not cfg["no_augment"],
-        device=device,
+        device="cpu" if on_xla else device,
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
     if cfg["loss"] == "ce" and data.info.task != "classification":
         raise UsageError(f"--dataset {cfg['dataset']} is a regression task; use --loss mse")
-    model = build_model(cfg, data.info).to(device=device, dtype=dtype)
+    sync_bn = bool(cfg.get("sync_bn")) and ctx.distributed
+    if sync_bn and device.type != "cuda":
+        raise UsageError("sync_bn needs GPUs (nccl); drop it on CPU or XLA")
+    # XLA: symmetry detection runs on the CPU copy before the model moves to the device
+    model = build_model(cfg, data.info).to(device="cpu" if on_xla else device, dtype=dtype)
     model.train()
     loss_fn = get_loss(cfg["loss"])
     steps_per_epoch = len(data.train)
     total_steps = steps_per_epoch * cfg["epochs"]
     eval_every = cfg["eval_freq"] or steps_per_epoch
 
-    lock = RunLock(run_dir, force=cfg["overwrite"]) if (run_dir and ctx.is_master) else None
+    lock = ctx.on_master(lambda: _take_run_dir(run_dir, cfg))
     try:
-        if run_dir and ctx.is_master and cfg["overwrite"] and not cfg["resume"]:
-            for name in fileio.listdir(run_dir):
-                if name != ".lock":
-                    fileio.remove(fileio.join(run_dir, name))
-
         groups: list = []
         if cfg["optimizer"] == "custom_sgd":
-            if cfg["resume"] and run_dir and fileio.exists(fileio.join(run_dir, "groups.json")):
-                from Utils.groups import groups_from_json
 
-                groups = groups_from_json(
-                    json.dumps(fileio.read_json(fileio.join(run_dir, "groups.json")))
-                )
-            else:
-                groups = detect_groups(model, cfg, data, device, dtype)
+            def find_groups() -> list:
+                stored = _stored_groups(run_dir) if (cfg["resume"] and run_dir) else None
+                if stored is not None:
+                    return stored
+                where = next(model.parameters()).device
+                return detect_groups(model, cfg, data, where, dtype)
+
+            groups = ctx.on_master(find_groups, share=True)
+        if on_xla:
+            model = model.to(device)
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # every replica starts from rank 0's weights (XLA threads share one RNG)
+        ctx.broadcast_tensors_([*model.parameters(), *model.buffers()])
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         buffers = parse_name_list(cfg["save_buffers"], _buffers_registry(), "buffer")
@@ -457,49 +574,59 @@ def _train(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
             optimizer, milestones=milestones, gamma=cfg["lr_drop_rate"]
         )
         train_model: nn.Module = model
-        if ctx.distributed and ctx.backend != "xla":
+        if ctx.distributed and not on_xla:
             train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        float_buffers = [b for b in model.buffers() if b.is_floating_point()]
+        optimizer_step = optimizer.step
+        if on_xla:
+            from Utils import xla
+
+            def optimizer_step() -> None:
+                xla.optimizer_step(optimizer)
 
         step, start_epoch, start_batch = 0, 0, 0
         running = {"loss_sum": 0.0, "top1_sum": 0.0, "count": 0}
         history: list[dict[str, float]] = []
         if cfg["resume"] and run_dir:
-            ckpt, skipped = latest_valid_checkpoint(run_dir, map_location=device)
-            for path in skipped:
-                print(f"warning: skipping corrupt checkpoint {path}", file=sys.stderr)
-            if ckpt is None:
-                raise UserError(
-                    f"--resume: no valid checkpoint in {run_dir}; start again with --overwrite"
-                )
+            ckpt, history = ctx.on_master(lambda: _load_resume(run_dir), share=True)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"])
             running = dict(ckpt["running"])
             step, start_epoch, start_batch = ckpt["step"], ckpt["epoch"], ckpt["batch"]
-            mpath = fileio.join(run_dir, "metrics.json")
-            if fileio.exists(mpath):
-                history = [h for h in fileio.read_json(mpath) if h["step"] <= step]
+            del ckpt
             if ctx.is_master:
                 print(f"resuming {run_dir} at step {step}", file=sys.stderr)
         elif run_dir and ctx.is_master:
+            environment = {
+                **environment_info(),
+                "world_size": ctx.world_size,
+                "backend": ctx.backend or "single",
+            }
             fileio.write_json(
                 fileio.join(run_dir, "hyperparameters.json"),
-                {"config": cfg, "environment": environment_info()},
+                {"config": cfg, "environment": environment},
             )
-            fileio.write_json(fileio.join(run_dir, "groups.json"), json.loads(groups_to_json(groups)))
+            fileio.write_json(
+                fileio.join(run_dir, "groups.json"), json.loads(groups_to_json(groups))
+            )
 
         save_at = set(
-            save_steps(total_steps, cfg["save_schedule"], cfg["save_freq"], cfg["num_checkpoints"])
-            .tolist()
+            save_steps(
+                total_steps, cfg["save_schedule"], cfg["save_freq"], cfg["num_checkpoints"]
+            ).tolist()
         )
         writer = (
             CheckpointWriter(run_dir, background=not cfg["sync_save"])
             if (run_dir and ctx.is_master)
             else None
         )
+        # training statistics of steps not yet read back: (step, epoch, [loss_sum, top1, n])
+        pending: list[tuple[int, int, torch.Tensor]] = []
+        shown = {"loss": math.nan}
 
         def snapshot(metrics: dict[str, float]) -> dict[str, Any]:
             epoch, batch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, 0)
@@ -521,28 +648,44 @@ def _train(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
                 "running": dict(running),
             }
 
+        def read_statistics() -> None:
+            """Adds pending step statistics to the running sums; stops on a NaN loss."""
+            while pending:
+                at, epoch, stats = pending.pop(0)
+                loss_sum, top1_sum, count = stats.tolist()
+                if count and not math.isfinite(loss_sum) and not cfg["allow_nan"]:
+                    raise TrainingDivergedError(
+                        f"loss became {loss_sum / count} at step {at} (epoch {epoch + 1}); the "
+                        "last good checkpoint is kept; lower --lr, or pass --allow-nan"
+                    )
+                running["loss_sum"] += loss_sum
+                if data.info.task == "classification":
+                    running["top1_sum"] += top1_sum
+                running["count"] += int(count)
+                shown["loss"] = loss_sum / count if count else math.nan
+
         def checkpoint_and_eval(force_eval: bool = False) -> dict[str, float]:
+            if on_xla:
+                xla.sync()  # every replica runs its pending graph (as xm.save does)
+            read_statistics()
             metrics = dict.fromkeys(METRIC_NAMES, math.nan)
             is_eval = step % eval_every == 0 or step == total_steps or force_eval
+            ctx.broadcast_tensors_(float_buffers)  # BatchNorm statistics of rank 0
             if is_eval:
+                if ctx.distributed and not ctx.agree(fingerprint(_state_tensors(model, optimizer))):
+                    raise ReplicaMismatchError(
+                        f"parameters or theory state differ across the {ctx.world_size} "
+                        f"processes at step {step}; please report this with the command line"
+                    )
                 metrics.update(
                     evaluate(model, data.test, loss_fn, device, dtype, ctx, data.info.task)
                 )
-                red = ctx.all_reduce_sum(
-                    torch.tensor(
-                        [running["loss_sum"], running["top1_sum"], running["count"]],
-                        dtype=torch.float64,
-                        device=device,
-                    )
-                ).tolist()
-                if red[2] > 0:
-                    metrics["train_loss"] = red[0] / red[2]
+                if running["count"] > 0:
+                    metrics["train_loss"] = running["loss_sum"] / running["count"]
                     if data.info.task == "classification":
-                        metrics["train_top1"] = red[1] / red[2]
+                        metrics["train_top1"] = running["top1_sum"] / running["count"]
                 running.update(loss_sum=0.0, top1_sum=0.0, count=0)
-                history.append(
-                    {"step": step, "epoch": step / max(steps_per_epoch, 1), **metrics}
-                )
+                history.append({"step": step, "epoch": step / max(steps_per_epoch, 1), **metrics})
                 if run_dir and ctx.is_master:
                     fileio.write_json(fileio.join(run_dir, "metrics.json"), history)
             if writer is not None and (step in save_at or is_eval):
@@ -558,50 +701,61 @@ def _train(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
             for epoch in range(start_epoch, cfg["epochs"]):
                 first = start_batch if epoch == start_epoch else 0
                 bar.set_description(f"epoch {epoch + 1}/{cfg['epochs']}")
-                for x, y in data.train.epoch(epoch, first):
+                for index, (x, y) in enumerate(batches(data.train, epoch, first, device)):
+                    size = global_batch_size(
+                        data.train.num_samples, data.train.batch_size, first + index
+                    )
                     x = x.to(device=device, dtype=dtype, non_blocking=True)
                     y = y.to(device=device, non_blocking=True)
                     if y.is_floating_point():
                         y = y.to(dtype)
                     optimizer.zero_grad(set_to_none=True)
-                    out = train_model(x)  # [B, C]
-                    loss = loss_fn(out, y)
+                    out = train_model(x)  # [b, C]
+                    loss, mean = slice_loss(loss_fn, out, y, size, ctx.world_size)
                     loss.backward()
-                    loss_value = float(loss.detach())
-                    if not math.isfinite(loss_value) and not cfg["allow_nan"]:
-                        if writer is not None:
-                            writer.close()
-                        raise TrainingDivergedError(
-                            f"loss became {loss_value} at step {step} (epoch {epoch + 1}); the "
-                            "last good checkpoint is kept; lower --lr, or pass --allow-nan"
+                    stats = torch.zeros(3, dtype=torch.float64, device=device)
+                    if mean is not None:
+                        n = x.shape[0]
+                        correct = (
+                            (out.detach().argmax(1) == y).sum().double()
+                            if data.info.task == "classification"
+                            else stats[1]
                         )
-                    optimizer.step()
+                        stats = torch.stack([mean.detach().double() * n, correct, stats[2] + n])
+                    pending.append((step, epoch, ctx.all_reduce_sum(stats)))  # [3]
+                    if not on_xla:
+                        read_statistics()  # reads the loss before the update, as CPU/GPU allow
+                    optimizer_step()
                     scheduler.step()
-                    running["loss_sum"] += loss_value * x.shape[0]
-                    if data.info.task == "classification":
-                        running["top1_sum"] += float((out.argmax(1) == y).sum())
-                    running["count"] += x.shape[0]
                     step += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    if not on_xla:
+                        bar.set_postfix(loss=f"{shown['loss']:.4f}", refresh=False)
                     if step % eval_every == 0 or step in save_at or step == total_steps:
                         metrics = checkpoint_and_eval()
                         if not math.isnan(metrics["test_loss"]):
                             last = metrics
                             bar.set_postfix(
-                                loss=f"{loss_value:.4f}", test=f"{metrics['test_loss']:.4f}"
+                                loss=f"{shown['loss']:.4f}", test=f"{metrics['test_loss']:.4f}"
                             )
+            if on_xla:
+                xla.sync()
+            read_statistics()
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
+        ctx.barrier()
         seconds = time.perf_counter() - t0
         if ctx.is_master:
+            procs = f" on {ctx.world_size} processes" if ctx.distributed else ""
+            parts = [f"done: {step} steps{procs} in {seconds:.1f} s"]
             summary = ", ".join(
                 f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float) and v == v
             )
-            where = f"; checkpoints in {run_dir}" if run_dir else ""
-            print(f"done: {step} steps in {seconds:.1f} s; {summary}{where}", file=sys.stderr)
+            parts += [summary] if summary else []
+            parts += [f"checkpoints in {run_dir}"] if run_dir else []
+            print("; ".join(parts), file=sys.stderr)
         return RunResult(
             run_dir=run_dir,
             steps=step,
