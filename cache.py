@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        from Utils.flags import os_error_message
+
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished cache files are kept, rerun to complete", file=sys.stderr)
         return 130

@@ -167,6 +167,24 @@ def _atomic_gunzip(source: Path, target: Path) -> None:
         raise
 
 
+def _try_download(fetch: Callable[[], object], folder: Path) -> None:
+    """Runs a torchvision download; when it fails, removes the folders it created.
+
+    Offline (or blocked), the download fails after creating its folders: they are removed so
+    that a failed attempt leaves the data folder as it was.
+    """
+    first_new = None
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        first_new = p
+    try:
+        fetch()
+    except Exception:  # offline or blocked: the caller's clear error follows
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+
+
 def _folder_hint(path: Path) -> str:
     """A folder path as the user should see it in a message (with a trailing slash)."""
     return f"{path}{os.sep}"
@@ -239,10 +257,7 @@ def _open_idx_split(
             _atomic_gunzip(debian[name], raw / name)
         missing = _missing_idx(raw)
     if missing and download and not debian:
-        try:
-            cls(str(root), train=train, download=True)
-        except Exception:  # offline or blocked: the clear error below follows
-            pass
+        _try_download(lambda: cls(str(root), train=train, download=True), raw)
         missing = _missing_idx(raw)
     if missing:
         files = ", ".join(f"{name}(.gz)" for name in missing)
@@ -299,10 +314,7 @@ def _open_cifar_split(
 ) -> Dataset:
     """Opens CIFAR python batches, downloading them with torchvision when allowed."""
     if _cifar_missing(cls, root) and download:
-        try:
-            cls(str(root), train=train, download=True)
-        except Exception:  # offline or blocked: the clear error below follows
-            pass
+        _try_download(lambda: cls(str(root), train=train, download=True), root)
     missing = _cifar_missing(cls, root)
     if missing:
         raise DataMissingError(

@@ -54,9 +54,14 @@ from Utils.storage import DatasetSpec, FeaturesWriter, LayoutMismatchError, Row
 METRIC_NAMES = ("train_loss", "train_top1", "test_loss", "top1", "top5")
 
 # Config keys that may differ between the checkpoints of one run (set per invocation when a
-# run is resumed on another machine); ignored when deciding whether two configs are one run.
+# run is resumed on another machine, or from another folder after it was moved: train.py takes
+# the location flags of the resuming command); ignored when deciding whether two configs are
+# one run.
 MACHINE_KEYS = frozenset(
     {
+        "experiment",
+        "expid",
+        "save_dir",
         "device",
         "gpu",
         "tpu",
@@ -763,7 +768,7 @@ def _extract_local(
     rebuild_via_tmp = overwrite and os.path.exists(target)
     if os.path.exists(target) and not overwrite:
         try:
-            writer = FeaturesWriter.open(target)
+            writer = FeaturesWriter.open(target, readonly=True)  # checked before any write
         except CorruptFileError as err:
             log.warn(f"{err}; rebuilding it from the checkpoints")
             os.remove(target)
@@ -788,6 +793,9 @@ def _extract_local(
             writer.close()
             writer = None
             rebuild_via_tmp = True
+    if writer is not None:
+        writer.close()
+        writer = FeaturesWriter.open(target)
     groups = _groups_json(run_dir, scans)
     if writer is None:
         report.rebuilt = report.rebuilt or rebuild_via_tmp or overwrite
@@ -805,6 +813,8 @@ def _extract_local(
     except BaseException as err:
         if isinstance(err, UserError) and not rebuild_via_tmp:
             writer.finish(complete=False)  # keeps every committed row
+        elif isinstance(err, Exception) and fileio.write_error_of(err, target) is not None:
+            writer.abandon()  # disk full: what was committed before stays as it is
         else:
             writer.close()
         _discard(tmp if rebuild_via_tmp else None)
@@ -834,11 +844,11 @@ def _create_prepared(
     writer = FeaturesWriter.create(staging, hyperparameters, groups)
     try:
         writer.prepare(specs, rows)
-    except BaseException:
         writer.close()
+    except BaseException:
+        writer.abandon()
         _discard(staging)
         raise
-    writer.close()
     os.replace(staging, path)
 
 
@@ -907,6 +917,11 @@ def extract_run(
         local = fileio.local_path(target)
         try:
             _extract_local(local, run_dir, scans, overwrite, skip_bad, progress, log, report, kept)
+        except Exception as exc:
+            failed = fileio.write_error_of(exc, local)
+            if failed is None or failed is exc:
+                raise
+            raise failed from None  # disk full...: committed rows stay readable
         finally:
             kept.clear()  # closes the mapped files
     report.warnings = log.warnings

@@ -7,6 +7,7 @@ valid names listed. Errors are one line (``<prog>: error: <problem>; <fix>``) an
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, NoReturn
 
@@ -185,10 +186,16 @@ def validate_train_config(cfg: dict[str, Any]) -> None:
         if not ok:
             raise UsageError(message)
 
-    need(cfg["lr"] > 0, f"--lr must be > 0 (got {cfg['lr']})")
+    need(
+        cfg["lr"] > 0 and math.isfinite(cfg["lr"]),
+        f"--lr must be a finite number > 0 (got {cfg['lr']})",
+    )
     need(0 <= cfg["momentum"] < 1, f"--momentum must be in [0, 1) (got {cfg['momentum']})")
     need(0 <= cfg["dampening"] < 1, f"--dampening must be in [0, 1) (got {cfg['dampening']})")
-    need(cfg["wd"] >= 0, f"--wd must be >= 0 (got {cfg['wd']})")
+    need(
+        cfg["wd"] >= 0 and math.isfinite(cfg["wd"]),
+        f"--wd must be a finite number >= 0 (got {cfg['wd']})",
+    )
     need(
         not cfg["nesterov"] or (cfg["momentum"] > 0 and cfg["dampening"] == 0),
         "--nesterov needs --momentum > 0 and --dampening 0",
@@ -252,6 +259,26 @@ def main_wrapper(main, argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error (disk full, permission denied, ...) with the fix.
+
+    Args:
+        err: the error raised by a file operation.
+
+    Returns:
+        The problem as the OS names it, the file, and what to do.
+    """
+    what = err.strerror or str(err) or type(err).__name__
+    where = f": {err.filename}" if err.filename else ""
+    return (
+        f"{what}{where}; free disk space or fix the folder's permissions (or write "
+        "elsewhere), then rerun (train.py: add --resume)"
+    )

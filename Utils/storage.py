@@ -126,6 +126,57 @@ def _is_lock_error(err: BaseException) -> bool:
     return "unable to lock file" in text or "resource temporarily unavailable" in text
 
 
+def abandon_h5(f: h5py.File) -> None:
+    """Closes an HDF5 file whose writes failed (disk full...), discarding what is unwritten.
+
+    After a failed write, closing an HDF5 file normally fails again and leaves the library
+    in a state that crashes the interpreter at exit. The file's descriptor is pointed at the
+    null device first, so the writes HDF5 still wants to do succeed (and are dropped): what
+    is on disk stays exactly as it was after the last successful write.
+
+    Args:
+        f: an open h5py file (nothing happens when it is already closed).
+    """
+    if not f.id.valid:
+        return
+    try:
+        handle = f.id.get_vfd_handle()
+    except Exception:  # a driver without a file descriptor (in-memory, file object)
+        handle = None
+    if isinstance(handle, int) and handle >= 0:
+        sink = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(sink, handle)
+        finally:
+            os.close(sink)
+    try:
+        f.close()
+    except Exception:  # already broken: nothing more can be done for this file
+        pass
+
+
+def close_h5(f: h5py.File) -> None:
+    """Flushes and closes an HDF5 file; when the flush fails, abandons it and re-raises.
+
+    Args:
+        f: an open h5py file (nothing happens when it is already closed).
+
+    Raises:
+        Whatever the flush raised (e.g. a write error naming ``errno = 28``).
+    """
+    if not f.id.valid:
+        return
+    if f.mode == "r":
+        f.close()
+        return
+    try:
+        f.flush()
+    except BaseException:
+        abandon_h5(f)
+        raise
+    f.close()
+
+
 def open_features(run_dir: str) -> h5py.File:
     """Opens a run's ``features.h5`` read-only.
 
@@ -480,20 +531,24 @@ class FeaturesWriter:
             )
             f.flush()
         except BaseException:
-            f.close()
+            abandon_h5(f)
             raise
         return cls(f)
 
     @classmethod
-    def open(cls, path: str) -> FeaturesWriter:
+    def open(cls, path: str, readonly: bool = False) -> FeaturesWriter:
         """Opens an existing features file for appending, after checking its structure.
+
+        Args:
+            path: local file path.
+            readonly: open for reading only (to inspect the file without touching it).
 
         Raises:
             UserError: another process holds the file open for writing.
             CorruptFileError: the file is unreadable, not a features file, or damaged.
         """
         try:
-            f = h5py.File(path, "r+", libver=LIBVER)
+            f = h5py.File(path, "r" if readonly else "r+", libver=LIBVER)
         except OSError as err:
             if _is_lock_error(err):
                 raise UserError(
@@ -661,13 +716,18 @@ class FeaturesWriter:
                 if ds.shape[0] != n:
                     ds.resize(n, axis=0)
             self._f.attrs.modify("complete", bool(complete))
-        finally:
-            self._f.close()
+        except BaseException:
+            abandon_h5(self._f)
+            raise
+        close_h5(self._f)
 
     def close(self) -> None:
         """Closes without changing anything (rows not yet committed are dropped)."""
-        if self._f.id.valid:
-            self._f.close()
+        close_h5(self._f)
+
+    def abandon(self) -> None:
+        """Closes after a failed write without writing anything more (see `abandon_h5`)."""
+        abandon_h5(self._f)
 
 
 def _check_structure(f: h5py.File) -> None:

@@ -169,6 +169,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: str, force: bool = False) -> None:
+        self.run_dir = run_dir
         self.path = lock_path(run_dir)
         if not self.path:
             return
@@ -195,6 +196,14 @@ class RunLock:
                 return int(f.read().strip() or 0)
         except (OSError, ValueError):
             return 0
+
+    def check(self) -> None:
+        """Raises `UserError` when another process took the run over (``--overwrite``)."""
+        if self.path and self._holder() != os.getpid():
+            raise UserError(
+                f"run {self.run_dir} was taken over by another process (--overwrite); this "
+                "process stops without writing to it"
+            )
 
     def release(self) -> None:
         """Removes the lock if this process holds it."""
@@ -227,6 +236,13 @@ def prepare_run_dir(cfg: dict[str, Any]) -> str:
     hparams = fileio.join(run_dir, "hyperparameters.json")
     if cfg["resume"]:
         if not fileio.exists(hparams):
+            from Utils.checkpoint import list_checkpoints
+
+            if list_checkpoints(run_dir):
+                raise CorruptFileError(
+                    f'--resume: {hparams} is missing; restore it (or copy the "config" of a '
+                    'checkpoint into it as {"config": ...}), or start again with --overwrite'
+                )
             raise UserError(
                 f"--resume: nothing to resume at {run_dir}; start the run without --resume"
             )
@@ -270,6 +286,25 @@ def load_resume_config(run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     )
     merged = {**cfg, **{k: v for k, v in stored.items() if k not in keep}}
     merged["resume"] = True
+    from Utils.flags import default_config, validate_train_config
+
+    defaults = default_config()
+    wrong = [
+        k
+        for k, v in merged.items()
+        if k in defaults
+        and defaults[k] is not None
+        and not isinstance(v, type(defaults[k]))
+        and not (isinstance(defaults[k], float) and isinstance(v, int))
+    ]
+    try:
+        if wrong:
+            raise UsageError(f"{wrong[0]}={merged[wrong[0]]!r} has the wrong type")
+        validate_train_config(merged)
+    except UsageError as err:
+        raise CorruptFileError(
+            f"{path} holds an invalid config ({err}); restore it or start again with --overwrite"
+        ) from None
     return merged
 
 
@@ -286,11 +321,11 @@ def build_model(cfg: dict[str, Any], info) -> nn.Module:
         model_dir=cfg["model_dir"],
     )
     if cfg["restore_path"]:
-        restore_weights(model, cfg["restore_path"])
+        restore_weights(model, cfg["restore_path"], cfg["model"])
     return model
 
 
-def restore_weights(model: nn.Module, path: str) -> None:
+def restore_weights(model: nn.Module, path: str, name: str = "") -> None:
     """Initialises `model` from a checkpoint's (or a bare state dict's) weights.
 
     Raises:
@@ -312,7 +347,8 @@ def restore_weights(model: nn.Module, path: str) -> None:
     if mismatch:
         raise UserError(
             f"--restore-path {path} is from a different model ({len(mismatch)} mismatched "
-            f"tensors, e.g. '{mismatch[0]}'); pass a checkpoint of --model {model.__class__.__name__}"
+            f"tensors, e.g. '{mismatch[0]}'); pass a checkpoint of a --model "
+            f"{name or model.__class__.__name__} run"
         )
     model.load_state_dict(state)
 
@@ -668,6 +704,8 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
             if on_xla:
                 xla.sync()  # every replica runs its pending graph (as xm.save does)
             read_statistics()
+            if lock is not None:
+                lock.check()
             metrics = dict.fromkeys(METRIC_NAMES, math.nan)
             is_eval = step % eval_every == 0 or step == total_steps or force_eval
             ctx.broadcast_tensors_(float_buffers)  # BatchNorm statistics of rank 0

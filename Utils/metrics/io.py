@@ -14,11 +14,12 @@ options, e.g. subset and seed), plus whatever the metric adds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import h5py
@@ -26,6 +27,7 @@ import numpy as np
 
 from Utils import fileio
 from Utils.errors import CorruptFileError
+from Utils.storage import abandon_h5, close_h5
 
 FORMAT = "neural-mechanics-cache"
 VERSION = 1
@@ -136,8 +138,9 @@ class CacheWriter:
             dtype: storage dtype (default: the array's), e.g. ``h5py.string_dtype()``.
             **attrs: attributes set on the dataset.
         """
-        ds = self.file.create_dataset(path, data=np.asarray(data), dtype=dtype)
-        set_attrs(ds, attrs)
+        with self._guard():
+            ds = self.file.create_dataset(path, data=np.asarray(data), dtype=dtype)
+            set_attrs(ds, attrs)
         return ds
 
     def append(self, name: str, data: Any, dtype: Any = None) -> None:
@@ -149,29 +152,51 @@ class CacheWriter:
             dtype: storage dtype at creation (default: the array's dtype).
         """
         arr = np.asarray(data)
-        if name not in self.file:
-            dt = np.dtype(dtype if dtype is not None else arr.dtype)
-            self.file.create_dataset(
-                name,
-                shape=(0, *arr.shape[1:]),
-                maxshape=(None, *arr.shape[1:]),
-                dtype=dt,
-                chunks=_chunks(tuple(arr.shape[1:]), dt.itemsize),
-            )
-        ds = self.file[name]
-        start = ds.shape[0]
-        ds.resize(start + arr.shape[0], axis=0)
-        ds[start:] = arr
+        with self._guard():
+            if name not in self.file:
+                dt = np.dtype(dtype if dtype is not None else arr.dtype)
+                self.file.create_dataset(
+                    name,
+                    shape=(0, *arr.shape[1:]),
+                    maxshape=(None, *arr.shape[1:]),
+                    dtype=dt,
+                    chunks=_chunks(tuple(arr.shape[1:]), dt.itemsize),
+                )
+            ds = self.file[name]
+            start = ds.shape[0]
+            ds.resize(start + arr.shape[0], axis=0)
+            ds[start:] = arr
 
     def group(self, path: str, **attrs: Any) -> h5py.Group:
         """Creates (or opens) an HDF5 group and sets attributes on it."""
-        grp = self.file.require_group(path)
-        set_attrs(grp, attrs)
+        with self._guard():
+            grp = self.file.require_group(path)
+            set_attrs(grp, attrs)
         return grp
 
     def attrs(self, **attrs: Any) -> None:
         """Sets root attributes (dicts and lists are stored as JSON strings)."""
-        set_attrs(self.file, attrs)
+        with self._guard():
+            set_attrs(self.file, attrs)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Runs one write and flushes it, so that a full disk is reported here.
+
+        HDF5 reports a failed write late (when a cached chunk is evicted or a dataset object
+        is freed, where it can only print a warning). Flushing after every write makes the
+        failure surface as an exception of this call; the temporary file is then abandoned
+        at once (see `Utils.storage.abandon_h5`) and a `WriteError` naming the cache raised.
+        """
+        try:
+            yield
+            self.file.flush()
+        except Exception as exc:
+            failed = fileio.write_error_of(exc, self.path)
+            if failed is None:
+                raise
+            self.abort()
+            raise failed from None
 
     def commit(self) -> str:
         """Closes the temporary file and renames it to the final path.
@@ -179,8 +204,7 @@ class CacheWriter:
         Returns:
             The final path.
         """
-        self.file.flush()
-        self.file.close()
+        close_h5(self.file)
         self._closed = True
         if self._upload_dir is not None:
             with open(self.tmp_path, "rb") as src:
@@ -196,10 +220,7 @@ class CacheWriter:
     def abort(self) -> None:
         """Closes and deletes the temporary file (the final path is left untouched)."""
         if not self._closed:
-            try:
-                self.file.close()
-            except Exception:  # already closed or broken: deleting the file is all that is left
-                pass
+            abandon_h5(self.file)  # the file is deleted: nothing more needs writing
             self._closed = True
         if os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)

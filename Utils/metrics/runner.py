@@ -28,6 +28,37 @@ def _extract_command(run_dir: str) -> str:
     )
 
 
+def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
+    """Refuses a features.h5 extracted from another run than the one in its folder.
+
+    The configs stored in features.h5 and in the run's ``hyperparameters.json`` are compared
+    on the keys both have, machine settings aside. A run without a readable
+    ``hyperparameters.json`` is not checked (cache.py does not need that file).
+
+    Raises:
+        UserError: the two configs differ (names up to three differing keys).
+    """
+    from Utils.extraction import MACHINE_KEYS
+
+    path = fileio.join(run_dir, "hyperparameters.json")
+    try:
+        stored = fileio.read_json(path)["config"] if fileio.exists(path) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        stored = None
+    if not isinstance(stored, dict) or not info.hyperparameters:
+        return
+    keys = sorted(set(stored) & set(info.hyperparameters) - MACHINE_KEYS)
+    differ = [k for k in keys if stored[k] != info.hyperparameters[k]]
+    if differ:
+        shown = ", ".join(
+            f"{k}={info.hyperparameters[k]!r} (not {stored[k]!r})" for k in differ[:3]
+        )
+        raise UserError(
+            f"{fileio.join(run_dir, FEATURES_FILE)} was extracted from a different run "
+            f"({shown}); rebuild it with {_extract_command(run_dir)} --overwrite"
+        )
+
+
 def _metric_names(metrics: str | Sequence[str] | None) -> list[str] | None:
     if metrics is None:
         return None
@@ -84,6 +115,7 @@ def cache_run(
     f = storage.open_features(run_dir)
     try:
         info = FeaturesInfo.from_file(f)
+        _check_same_run(run_dir, info)
         if info.num_rows == 0:
             raise UserError(
                 f"{FEATURES_FILE} of {run_dir} has no rows; rerun: {_extract_command(run_dir)}"
@@ -133,13 +165,19 @@ def _cache_one(
     remove_stale_temporaries(path)
     if not overwrite and is_up_to_date(path, name, info.num_rows, info.last_step, options):
         return UP_TO_DATE
-    with CacheWriter(path, name) as writer:
-        metric.compute(Context(f, info, writer, options=options, progress=progress))
-        writer.attrs(
-            source_rows=info.num_rows,
-            source_last_step=info.last_step,
-            options=options,
-            description=metric.description,
-        )
-        writer.commit()
+    try:
+        with CacheWriter(path, name) as writer:
+            metric.compute(Context(f, info, writer, options=options, progress=progress))
+            writer.attrs(
+                source_rows=info.num_rows,
+                source_last_step=info.last_step,
+                options=options,
+                description=metric.description,
+            )
+            writer.commit()
+    except Exception as exc:
+        failed = fileio.write_error_of(exc, path)
+        if failed is None or failed is exc:
+            raise
+        raise failed from None  # disk full...: the temporary file is gone, earlier caches stay
     return COMPUTED
