@@ -8,7 +8,10 @@ PYTEST_ARGS ?=
 DEMO_DIR ?= results
 FMNIST_PKG := dataset-fashion-mnist
 
-.PHONY: install data lint format test test-fast demo bench clean help
+XLA_PY := .venv-xla/bin/python
+XLA_STAMP := .venv-xla/.installed
+
+.PHONY: install data tools lint format test test-fast test-xla demo bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,6 +24,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@touch $(STAMP)
 
 install: $(STAMP) data  ## create .venv and install everything (Python packages, Fashion-MNIST)
+
+tools:  ## Debian's shellcheck (the tests lint the shell scripts with it)
+	@command -v shellcheck >/dev/null 2>&1 || \
+		(command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		 (apt-get install -y -qq shellcheck >/dev/null 2>&1 || \
+		  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq shellcheck >/dev/null 2>&1))) || \
+		echo "shellcheck: not installed and apt is not usable; the shell-script lint test will fail"
 
 data:  ## install Debian's Fashion-MNIST package when apt is usable
 	@if dpkg -s $(FMNIST_PKG) >/dev/null 2>&1; then \
@@ -42,11 +52,20 @@ format: $(STAMP)  ## reformat with black and fix what ruff can
 	$(PY) -m black --quiet .
 	$(PY) -m ruff check --fix .
 
-test: install lint  ## install, lint, run the whole test suite (slow tests included)
+test: install tools lint  ## install, lint, run the whole test suite (slow tests included)
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 
-test-fast: install  ## the suite without tests marked slow
+test-fast: install tools  ## the suite without tests marked slow
 	$(PY) -m pytest -n 2 -q -m "not slow" $(PYTEST_ARGS)
+
+$(XLA_STAMP): requirements.txt requirements-tpu.txt
+	@test -x $(XLA_PY) || $(PYTHON) -m venv .venv-xla
+	$(XLA_PY) -m pip install -q --upgrade pip
+	$(XLA_PY) -m pip install -q -r requirements-tpu.txt pytest
+	@touch $(XLA_STAMP)
+
+test-xla: $(XLA_STAMP) data  ## torch-xla tests on XLA's CPU device (own venv with torch 2.9, ~7 GB)
+	PJRT_DEVICE=CPU OMP_NUM_THREADS=1 $(XLA_PY) -m pytest -q tests_xla
 
 demo: install  ## train the demo model on Fashion-MNIST, extract, cache, plot
 	$(PY) scripts/demo.py --save-dir $(DEMO_DIR)
