@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from Utils.errors import UserError
-from Utils.flags import Parser
+from Utils.flags import Parser, add_run_flags, main_wrapper
 
 
 def build_parser() -> Parser:
@@ -26,15 +25,11 @@ def build_parser() -> Parser:
         description="Compute metrics (conservation laws and their theory, gradients, "
         "performance, weights) from features.h5 into cache/<metric><suffix>.h5.",
     )
-    p.add_argument("--experiment", required=True, help="experiment name (folder)")
-    p.add_argument("--expid", required=True, help="run id inside the experiment")
-    p.add_argument(
-        "--save-dir",
-        default="results",
-        help="root folder (or fsspec URL) that holds <experiment>/<expid>",
+    add_run_flags(
+        p,
+        overwrite_help="recompute caches that are up to date",
+        verbose_help="print each cache file's path",
     )
-    p.add_argument("--overwrite", action="store_true", help="recompute caches that are up to date")
-    p.add_argument("-v", "--verbose", action="store_true", help="print each cache file's path")
     m = p.add_argument_group("metrics")
     m.add_argument(
         "--metrics",
@@ -56,36 +51,28 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parses flags and caches the run's metrics; returns the exit status.
+    """Caches the run named by the flags; errors become one line and an exit status."""
+    return main_wrapper(
+        _cache, argv, interrupted="interrupted: finished cache files are kept, rerun to complete"
+    )
 
-    A `UserError` is printed as one line ``error: <message>`` on stderr.
-    """
+
+def _cache(argv: list[str] | None) -> int:
+    """Parses flags, caches the run's metrics and prints each metric's status."""
     from Utils import fileio
     from Utils.metrics import cache_path, cache_run
 
     args = build_parser().parse_args(argv)
-    try:
-        run_dir = fileio.join(args.save_dir, args.experiment, args.expid)
-        statuses = cache_run(
-            run_dir,
-            metrics=args.metrics or None,
-            suffix=args.suffix,
-            overwrite=args.overwrite,
-            subset=args.subset,
-            seed=args.seed,
-            progress=not args.no_progress and sys.stderr.isatty(),
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except OSError as err:
-        from Utils.flags import os_error_message
-
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished cache files are kept, rerun to complete", file=sys.stderr)
-        return 130
+    run_dir = fileio.join(args.save_dir, args.experiment, args.expid)
+    statuses = cache_run(
+        run_dir,
+        metrics=args.metrics or None,
+        suffix=args.suffix,
+        overwrite=args.overwrite,
+        subset=args.subset,
+        seed=args.seed,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
     width = max(len(n) for n in statuses) if statuses else 0
     for name, status in statuses.items():
         line = f"{name:<{width}}  {status}"

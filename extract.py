@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from Utils.errors import UserError
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of extract.py."""
-    from Utils.flags import Parser
+    from Utils.flags import Parser, add_run_flags
 
     p = Parser(
         prog="extract.py",
@@ -28,21 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
             "epochs and learning rates. Reruns append only new checkpoints."
         ),
     )
-    p.add_argument(
-        "--experiment", required=True, default=argparse.SUPPRESS, help="experiment name (folder)"
-    )
-    p.add_argument(
-        "--expid", required=True, default=argparse.SUPPRESS, help="run id inside the experiment"
-    )
-    p.add_argument(
-        "--save-dir",
-        default="results",
-        help="root folder (or fsspec URL) that holds <experiment>/<expid>",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="rebuild features.h5 from scratch (the old file is replaced only at the end)",
+    add_run_flags(
+        p,
+        overwrite_help="rebuild features.h5 from scratch (the old file is replaced only at the end)",
+        verbose_help="print details of each stage",
     )
     p.add_argument(
         "--skip-bad",
@@ -52,36 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bars (also off when not a tty)"
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="print details of each stage")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parses flags, extracts the run and prints a one-line summary; returns the exit status."""
+    """Extracts the run named by the flags; errors become one line and an exit status."""
+    from Utils.flags import main_wrapper
+
+    return main_wrapper(
+        _extract, argv, interrupted="interrupted; run the same command again to finish"
+    )
+
+
+def _extract(argv: list[str] | None) -> int:
+    """Parses flags, extracts the run and prints a one-line summary."""
     args = build_parser().parse_args(argv)
-    try:
-        from Utils import fileio
-        from Utils.extraction import extract_run
+    from Utils import fileio
+    from Utils.extraction import extract_run
 
-        run_dir = fileio.join(args.save_dir, args.experiment, args.expid)
-        report = extract_run(
-            run_dir,
-            overwrite=args.overwrite,
-            skip_bad=args.skip_bad,
-            verbose=args.verbose,
-            progress=not args.no_progress,
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except OSError as err:
-        from Utils.flags import os_error_message
-
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to finish the extraction", file=sys.stderr)
-        return 130
+    run_dir = fileio.join(args.save_dir, args.experiment, args.expid)
+    report = extract_run(
+        run_dir,
+        overwrite=args.overwrite,
+        skip_bad=args.skip_bad,
+        verbose=args.verbose,
+        progress=not args.no_progress,
+    )
     print(report.summary())
     return 0
 

@@ -23,8 +23,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-import torch
-
 from Utils.errors import UserError
 
 _OBJECT_STORES = {"gs", "gcs", "s3", "s3a", "az", "abfs", "memory"}
@@ -249,11 +247,15 @@ def read_json(path: str) -> Any:
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """`torch.save` to a temporary file, then renamed into place."""
+    import torch
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def torch_load(path: str, map_location: str | torch.device = "cpu") -> Any:
+def torch_load(path: str, map_location: Any = "cpu") -> Any:
     """`torch.load` for local paths and URLs (full unpickling: only for the project's own files)."""
+    import torch
+
     if is_url(path):
         with open_read(path) as f:
             return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)

@@ -26,28 +26,36 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags that locate a run: --experiment, --expid, --save-dir."""
+def add_run_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    required: bool = True,
+    expid_help: str = "run id inside the experiment",
+    overwrite_help: str = "replace existing outputs of this run",
+    verbose_help: str = "print more detail",
+) -> None:
+    """Flags that locate a run: --experiment, --expid, --save-dir, --overwrite, -v.
+
+    Args:
+        parser: the parser to extend.
+        required: whether --experiment and --expid must be given (extract/cache) or have
+            defaults (train.py).
+        expid_help, overwrite_help, verbose_help: the script's own wording.
+    """
     group = parser.add_argument_group("run location")
-    group.add_argument("--experiment", default="example", help="experiment name (folder)")
-    group.add_argument(
-        "--expid",
-        default="",
-        help="run id inside the experiment; empty trains without saving anything",
-    )
+    if required:
+        group.add_argument("--experiment", required=True, help="experiment name (folder)")
+        group.add_argument("--expid", required=True, help=expid_help)
+    else:
+        group.add_argument("--experiment", default="example", help="experiment name (folder)")
+        group.add_argument("--expid", default="", help=expid_help)
     group.add_argument(
         "--save-dir",
         default="results",
         help="root folder (or fsspec URL such as gs://bucket/results) of all experiments",
     )
-    group.add_argument(
-        "--overwrite", action="store_true", help="replace existing outputs of this run"
-    )
-    group.add_argument("-v", "--verbose", action="store_true", help="print more detail")
-
-
-def _comma_list(text: str) -> str:
-    return text
+    group.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    group.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
 
 
 def train_parser() -> Parser:
@@ -65,7 +73,11 @@ def train_parser() -> Parser:
             "Then run extract.py, cache.py and plot.py on the run."
         ),
     )
-    add_run_flags(p)
+    add_run_flags(
+        p,
+        required=False,
+        expid_help="run id inside the experiment; empty trains without saving anything",
+    )
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", default="Data", help="folder holding the datasets")
     d.add_argument("--dataset", default="fashion-mnist", choices=DATASETS.names(), help="dataset")
@@ -250,8 +262,14 @@ def parse_train_args(argv: list[str] | None = None) -> dict[str, Any]:
     return cfg
 
 
-def main_wrapper(main, argv: list[str] | None = None) -> int:
-    """Runs a script's main, printing a `UserError` as one line and returning its exit code."""
+def main_wrapper(main, argv: list[str] | None = None, interrupted: str = "interrupted") -> int:
+    """Runs a script's main, printing a `UserError` as one line and returning its exit code.
+
+    Args:
+        main: the script's ``main(argv) -> int``.
+        argv: command-line arguments (None: sys.argv).
+        interrupted: the line printed on Ctrl-C (say how to finish the job).
+    """
     from Utils.errors import UserError
 
     try:
@@ -263,7 +281,7 @@ def main_wrapper(main, argv: list[str] | None = None) -> int:
         print(f"error: {os_error_message(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
 
 
