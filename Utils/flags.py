@@ -84,7 +84,11 @@ def train_parser() -> Parser:
     d.add_argument("--train-batch-size", type=int, default=128, help="global training batch")
     d.add_argument("--test-batch-size", type=int, default=256, help="evaluation batch")
     d.add_argument(
-        "--workers", type=int, default=0, help="data-loader processes (folder datasets only)"
+        "--workers",
+        type=int,
+        default=0,
+        help="data-loader processes (folder datasets); with --device xla/--tpu: XLA processes "
+        "(0 or 1: one device in this process; N > 1: one process per TPU core)",
     )
     d.add_argument("--no-augment", action="store_true", help="switch data augmentation off")
 
@@ -170,6 +174,11 @@ def train_parser() -> Parser:
     )
     h.add_argument("--gpu", type=int, default=0, help="CUDA device index")
     h.add_argument("--tpu", default="", help="TPU name (implies --device xla)")
+    h.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: SyncBatchNorm (statistics over the global batch)",
+    )
     h.add_argument("--seed", type=int, default=1, help="random seed")
     h.add_argument(
         "--deterministic", action="store_true", help="deterministic kernels (bitwise resume)"

@@ -562,7 +562,7 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
         raise UsageError(f"--dataset {cfg['dataset']} is a regression task; use --loss mse")
     sync_bn = bool(cfg.get("sync_bn")) and ctx.distributed
     if sync_bn and device.type != "cuda":
-        raise UsageError("sync_bn needs GPUs (nccl); drop it on CPU or XLA")
+        raise UsageError("--sync-bn needs GPUs (nccl); drop it on CPU or XLA")
     # XLA: symmetry detection runs on the CPU copy before the model moves to the device
     model = build_model(cfg, data.info).to(device="cpu" if on_xla else device, dtype=dtype)
     model.train()
