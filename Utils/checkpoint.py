@@ -15,6 +15,7 @@ Each checkpoint is a dict saved with ``torch.save``; see `CHECKPOINT_KEYS`.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -115,17 +116,105 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# leaf types returned as they are (immutable)
+_ATOMS = (int, float, str, bytes, bool, type(None))
+
+
+class _HostCopier:
+    """Copies the tensors of a snapshot to the CPU, keeping shared storages shared.
+
+    Tensors that view one storage (the theory state of `TrackingSGD`, tied weights) become
+    views of one copy of it with their offsets and strides, so `torch.save` writes one record
+    for them, as it would have for the originals; a view of part of a storage copies the
+    whole storage, which is what `torch.save` writes for it too. CUDA tensors are copied
+    asynchronously into pinned memory and each device is synchronised once in `finish` (one
+    host-device sync per checkpoint instead of one per tensor).
+    """
+
+    def __init__(self) -> None:
+        self.storages: dict[tuple, torch.UntypedStorage] = {}
+        self.devices: set[torch.device] = set()
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU copy of t with its strides (asynchronous for CUDA until `finish`)."""
+        if t.device.type == "cuda":
+            try:
+                out = torch.empty_like(t, device="cpu", pin_memory=True)
+            except RuntimeError:  # no pinned memory here: a synchronous copy
+                return t.to("cpu", copy=True)
+            self.devices.add(t.device)
+            return out.copy_(t, non_blocking=True)
+        return t.to("cpu", copy=True)
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The CPU copy of one tensor."""
+        t = t.detach()
+        if t.device.type not in ("cpu", "cuda"):  # XLA and others have no visible storage
+            return t.to("cpu", copy=True)
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            return self._copy(t)
+        key = (t.device, storage.data_ptr())
+        if key not in self.storages:
+            if t.storage_offset() == 0 and t.nbytes == storage.nbytes():
+                out = self._copy(t)  # covers its storage: the copy is the storage's copy
+                if out.stride() == t.stride():
+                    self.storages[key] = out.untyped_storage()
+                return out
+            whole = torch.empty(0, dtype=torch.uint8, device=t.device)
+            whole.set_(storage)  # [nbytes] uint8 over the whole storage
+            self.storages[key] = self._copy(whole).untyped_storage()
+        view = torch.empty(0, dtype=t.dtype)
+        return view.set_(self.storages[key], t.storage_offset(), t.size(), t.stride())
+
+    def copy(self, obj: Any) -> Any:
+        """Deep copy of nested dicts/lists/tuples with every tensor copied to the CPU."""
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj)
+        if isinstance(obj, dict):
+            return {k: self.copy(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            if all(type(v) in _ATOMS for v in obj):  # e.g. python's random state: 625 ints
+                return list(obj) if isinstance(obj, list) else obj
+            items = [self.copy(v) for v in obj]
+            return items if isinstance(obj, list) else tuple(items)
+        return obj
+
+    def finish(self) -> None:
+        """Waits for the asynchronous device-to-host copies."""
+        for device in self.devices:
+            torch.cuda.current_stream(device).synchronize()
+
+
 def _to_cpu_copy(obj: Any) -> Any:
-    """Deep copy of nested dicts/lists with every tensor cloned to CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu_copy(v) for v in obj)
-    return obj
+    """Deep copy of nested dicts/lists with every tensor copied to CPU (shared storages kept).
+
+    Returns once every copy is complete, so the caller may change the originals.
+    """
+    copier = _HostCopier()
+    out = copier.copy(obj)
+    copier.finish()
+    return out
+
+
+def remove_temporaries(run_dir: str) -> list[str]:
+    """Deletes the temporary files of killed checkpoint writers (``ckpt/.step_*.tmp``).
+
+    Only the process holding the run's lock writes checkpoints, so every such file in a run
+    it starts writing is a leftover. URL runs have none (objects appear whole).
+
+    Returns:
+        The removed paths.
+    """
+    if fileio.is_url(run_dir):
+        return []
+    folder = fileio.local_path(checkpoint_dir(run_dir))
+    removed = []
+    for name in fileio.listdir(folder):
+        if name.startswith("." + CKPT_PREFIX) and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+    return removed
 
 
 class CheckpointWriter:
@@ -148,6 +237,7 @@ class CheckpointWriter:
         self.files_written = 0
         self._error: BaseException | None = None
         fileio.makedirs(checkpoint_dir(run_dir))
+        self.removed = remove_temporaries(run_dir)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
         if background:
@@ -177,6 +267,8 @@ class CheckpointWriter:
     def _raise_pending(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, UserError):
+                raise err
             raise UserError(
                 f"writing a checkpoint in {self.run_dir} failed: {err}; free disk space or "
                 "choose another --save-dir, then rerun with --resume"

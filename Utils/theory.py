@@ -17,6 +17,10 @@ Quantities (per group; "signed" means the rescale difference A1 minus A2, which
 * paper theory (THEORY.md section 4): ``paper`` is the prediction X(t_k) and ``paper_rate``
   its time derivative X'(t_k) (unused, left at 0, for plain SGD).
 
+Both theories are linear maps of the state and of the step's observations; `step_matrix`
+writes one step of either kind as one matrix (built from the step functions themselves), which
+`TrackingSGD` applies to all the groups of a bundle at once.
+
 Momentum in the paper theory: heavy ball follows the modified gradient flow
 ``(eta (1-delta)(1+beta)/2) theta'' + (1-beta) theta' = -(g + lam theta)``; nesterov uses the
 same heavy-ball flow as an approximation (the paper derives no separate nesterov flow).
@@ -25,7 +29,7 @@ same heavy-ball flow as an approximation (the paper derives no separate nesterov
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,7 +162,7 @@ def propagate_oscillator(
         (X(dt), X'(dt)), new tensors.
     """
     h, green, hdot, gdot = oscillator_coefficients(gamma, omega2, dt)
-    return x * h + xdot * green, x * hdot + xdot * gdot
+    return torch.add(x * h, xdot, alpha=green), torch.add(x * hdot, xdot, alpha=gdot)
 
 
 def exact_quadratic_step(
@@ -280,6 +284,47 @@ def paper_translation_step(
         return x * math.exp(-hp.weight_decay * hp.dt), xdot
     gamma, omega2 = hp.oscillator("translation")
     return propagate_oscillator(x, xdot, gamma, omega2, hp.dt)
+
+
+def step_matrix(
+    kind: str,
+    hp: Hyper,
+    has_buffer: bool,
+    inputs: Sequence[int | None] = (0, 1, 2),
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """One step of the exact and the paper theory of one kind as a single linear map.
+
+    Both recursions are linear in the state (exact, carry, paper, paper_rate) and in the
+    step's observed group sums (U, C and the forcing of `exact_quadratic_step` and
+    `paper_quadratic_step`), so a step of a whole bundle of groups is one matrix product
+    ``new_state [4, n] = M @ [state [4, n]; inputs [k, n]]``. M is obtained by applying the
+    step functions to unit vectors: the same arithmetic as the functions, no second derivation.
+
+    Args:
+        kind: "translation" (no inputs), or "scale" / "rescale" / "quadratic".
+        hp: this step's hyperparameters.
+        has_buffer: whether a momentum buffer existed before this step.
+        inputs: quadratic kinds: the input row feeding U, C and the forcing, in that order;
+            equal indices share a row (heavy ball: ``(0, 0, 0)``, one row |v|^2), None marks
+            an absent C (no momentum and no stale buffer). Ignored for translation.
+        device: where M is made (no host-device copy).
+
+    Returns:
+        float64 [4, 4 + k] with k the number of distinct inputs (0 for translation); rows and
+        the first four columns in the order exact, carry, paper, paper_rate.
+    """
+    if kind == "translation":
+        unit = torch.eye(4, dtype=torch.float64, device=device)  # unit[i][j]: component i of e_j
+        s, m = exact_translation_step(unit[0], unit[1], hp, has_buffer)
+        x, xdot = paper_translation_step(unit[2], unit[3], hp)
+        return torch.stack([s, m, x, xdot])  # [4, 4]
+    k = 1 + max(i for i in inputs if i is not None)
+    unit = torch.eye(4 + k, dtype=torch.float64, device=device)
+    uu, uv, forcing = (None if i is None else unit[4 + i] for i in inputs)
+    q, carry = exact_quadratic_step(unit[0], unit[1], uu, uv, hp, has_buffer)
+    x, xdot = paper_quadratic_step(unit[2], unit[3], forcing, hp)
+    return torch.stack([q, carry, x, xdot])  # [4, 4 + k]
 
 
 def measure(group: SymmetryGroup, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
