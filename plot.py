@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from Utils.flags import Parser, main_wrapper
+from Utils.flags import Parser, main_wrapper, run_name
 
 
 def plot_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,12 @@ def plot_parser() -> argparse.ArgumentParser:
         ),
     )
     r = p.add_argument_group("runs")
-    r.add_argument("--experiment", default="example", help="experiment name (folder)")
+    r.add_argument(
+        "--experiment",
+        default="example",
+        type=run_name("--experiment"),
+        help="experiment name (folder)",
+    )
     r.add_argument(
         "--expid",
         required=True,

@@ -48,33 +48,16 @@ import torch
 from Utils import fileio, storage
 from Utils.checkpoint import FORMAT as CKPT_FORMAT
 from Utils.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
+from Utils.config import RUN_VARIABLE_KEYS
 from Utils.errors import CorruptFileError, UserError
+from Utils.rundir import RunDir
 from Utils.storage import DatasetSpec, FeaturesWriter, LayoutMismatchError, Row
 
 METRIC_NAMES = ("train_loss", "train_top1", "test_loss", "top1", "top5")
 
-# Config keys that may differ between the checkpoints of one run (set per invocation when a
-# run is resumed on another machine, or from another folder after it was moved: train.py takes
-# the location flags of the resuming command); ignored when deciding whether two configs are
-# one run.
-MACHINE_KEYS = frozenset(
-    {
-        "experiment",
-        "expid",
-        "save_dir",
-        "device",
-        "gpu",
-        "tpu",
-        "workers",
-        "verbose",
-        "no_progress",
-        "sync_save",
-        "resume",
-        "overwrite",
-        "data_dir",
-        "model_dir",
-    }
-)
+# Config keys that may differ between the checkpoints of one run (machine and location flags,
+# --epochs extended on --resume); ignored when deciding whether two configs are one run.
+MACHINE_KEYS = RUN_VARIABLE_KEYS
 
 BLOCK_BYTES = 64 << 20  # rows are committed in blocks of at most this many bytes ...
 BLOCK_ROWS = 32  # ... and at most this many rows
@@ -616,21 +599,9 @@ class ExtractionReport:
         return line
 
 
-def _run_hint(run_dir: str) -> tuple[str, str, str]:
-    path = str(run_dir).rstrip("/")
-    expid = os.path.basename(path)
-    experiment = os.path.basename(os.path.dirname(path))
-    save_dir = os.path.dirname(os.path.dirname(path)) or "."
-    return save_dir, experiment, expid
-
-
 def _check_same_run(writer: FeaturesWriter, ref: _Scan, run_dir: str) -> None:
     """Raises UserError when the open file was extracted from another run."""
-    save_dir, experiment, expid = _run_hint(run_dir)
-    fix = (
-        f"rebuild it with python extract.py --save-dir {save_dir} --experiment {experiment} "
-        f"--expid {expid} --overwrite"
-    )
+    fix = f"rebuild it with {RunDir.from_path(run_dir).command('extract.py', '--overwrite')}"
     try:
         stored = json.loads(writer.hyperparameters)
     except ValueError:
@@ -886,13 +857,10 @@ def extract_run(
     run_dir = str(run_dir)
     if not fileio.exists(run_dir):
         raise UserError(f"no run at {run_dir}; check --save-dir/--experiment/--expid")
-    save_dir, experiment, expid = _run_hint(run_dir)
     paths = list_checkpoints(run_dir)
     if not paths:
-        raise UserError(
-            f"run {run_dir} has no checkpoints; train it first with python train.py "
-            f"--save-dir {save_dir} --experiment {experiment} --expid {expid} ... --save-freq N"
-        )
+        hint = RunDir.from_path(run_dir).command("train.py", "...", "--save-freq", "N")
+        raise UserError(f"run {run_dir} has no checkpoints; train it first with {hint}")
     log = _Log(verbose)
     target = storage.features_path(run_dir)
     report = ExtractionReport(run_dir=run_dir, path=target, checkpoints=len(paths))

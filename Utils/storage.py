@@ -56,6 +56,7 @@ import numpy as np
 from Utils import fileio
 from Utils.errors import CorruptFileError, UserError
 from Utils.groups import SymmetryGroup, groups_from_json
+from Utils.rundir import RunDir
 
 FORMAT = "neural-mechanics-features"
 VERSION = 1
@@ -111,11 +112,7 @@ def metric_path(name: str) -> str:
 
 def _run_hint(run_dir: str) -> str:
     """The extract.py command line for a run folder ``<save-dir>/<experiment>/<expid>``."""
-    path = str(run_dir).rstrip("/")
-    expid = os.path.basename(path)
-    experiment = os.path.basename(os.path.dirname(path))
-    save_dir = os.path.dirname(os.path.dirname(path)) or "."
-    return f"python extract.py --save-dir {save_dir} --experiment {experiment} --expid {expid}"
+    return RunDir.from_path(run_dir).command("extract.py")
 
 
 # ----------------------------------------------------------------------------- reading

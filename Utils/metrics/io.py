@@ -27,6 +27,7 @@ import numpy as np
 
 from Utils import fileio
 from Utils.errors import CorruptFileError
+from Utils.rundir import pid_alive
 from Utils.storage import abandon_h5, close_h5
 
 FORMAT = "neural-mechanics-cache"
@@ -43,17 +44,6 @@ def cache_dir(run_dir: str) -> str:
 def cache_path(run_dir: str, metric: str, suffix: str = "") -> str:
     """Path of one metric's cache file, ``<run_dir>/cache/<metric><suffix>.h5``."""
     return fileio.join(cache_dir(run_dir), f"{metric}{suffix}.h5")
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
@@ -74,7 +64,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
         if not (entry.startswith(prefix) and entry.endswith(_TMP_SUFFIX)):
             continue
         pid_text = entry[len(prefix) : -len(_TMP_SUFFIX)]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             os.remove(os.path.join(folder, entry))
             removed.append(os.path.join(folder, entry))
     return removed

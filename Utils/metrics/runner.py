@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
 from Utils import fileio
+from Utils.config import RUN_VARIABLE_KEYS
 from Utils.errors import DataMissingError, UsageError, UserError
 from Utils.metrics.base import METRICS, Context, FeaturesInfo, parse_metric_list
 from Utils.metrics.io import CacheWriter, cache_path, is_up_to_date, remove_stale_temporaries
+from Utils.rundir import RunDir
 
 FEATURES_FILE = "features.h5"
 UP_TO_DATE = "up to date"
@@ -19,13 +20,7 @@ SKIPPED = "skipped"
 
 def _extract_command(run_dir: str) -> str:
     """The extract.py command line for a run folder ``<save-dir>/<experiment>/<expid>``."""
-    path = fileio.local_path(str(run_dir)).rstrip("/")
-    head, expid = os.path.split(path)
-    save_dir, experiment = os.path.split(head)
-    return (
-        f"python extract.py --experiment {experiment} --expid {expid} "
-        f"--save-dir {save_dir or '.'}"
-    )
+    return RunDir.from_path(fileio.local_path(str(run_dir))).command("extract.py")
 
 
 def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
@@ -38,8 +33,6 @@ def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
     Raises:
         UserError: the two configs differ (names up to three differing keys).
     """
-    from Utils.extraction import MACHINE_KEYS
-
     path = fileio.join(run_dir, "hyperparameters.json")
     try:
         stored = fileio.read_json(path)["config"] if fileio.exists(path) else None
@@ -47,7 +40,7 @@ def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
         stored = None
     if not isinstance(stored, dict) or not info.hyperparameters:
         return
-    keys = sorted(set(stored) & set(info.hyperparameters) - MACHINE_KEYS)
+    keys = sorted(set(stored) & set(info.hyperparameters) - RUN_VARIABLE_KEYS)
     differ = [k for k in keys if stored[k] != info.hyperparameters[k]]
     if differ:
         shown = ", ".join(
