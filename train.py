@@ -23,4 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_wrapper(main))
+    sys.exit(
+        main_wrapper(
+            main, interrupted="interrupted; continue the run with the same command and --resume"
+        )
+    )

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -215,9 +216,11 @@ class CheckpointWriter:
     `abort()` (after an interrupt) drops the snapshots not yet started, lets the file being
     written complete and stops the thread.
 
-    The hand-over is a list guarded by a condition whose waits all time out, so an interrupt
-    at any point of `save` (even between queueing a snapshot and waking the thread) cannot
-    leave `close` or `abort` waiting forever.
+    The hand-over is a list guarded by a lock. The training thread never waits on a
+    condition (whose wait an interrupt can leave with its lock released): it polls, sleeping
+    outside the lock; the writer thread's waits time out. So an interrupt at any point of
+    `save` (even between queueing a snapshot and waking the thread) cannot leave `close` or
+    `abort` waiting forever.
 
     Args:
         run_dir: the run folder.
@@ -236,7 +239,8 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         fileio.makedirs(checkpoint_dir(run_dir))
         self.removed = remove_temporaries(run_dir)
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # waited on by the writer thread only
         self._items: collections.deque = collections.deque()
         self._busy = False
         self._stop = False
@@ -297,12 +301,18 @@ class CheckpointWriter:
             except OSError as err:
                 self._error = err
         else:
-            with self._cond:
-                while len(self._items) >= self.max_pending and self._thread.is_alive():
-                    self._cond.wait(self._POLL)
-                self._items.append((step, snapshot))
-                self._cond.notify_all()
+            while not self._offer((step, snapshot)):
+                time.sleep(self._POLL)
         self._raise_pending()
+
+    def _offer(self, item: tuple[int, dict[str, Any]]) -> bool:
+        """Queues a snapshot if there is room (or the thread is gone); whether it did."""
+        with self._lock:
+            if len(self._items) >= self.max_pending and self._thread.is_alive():
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
 
     def _idle(self) -> bool:
         """Whether nothing is queued or being written (or the thread is gone)."""
@@ -312,14 +322,16 @@ class CheckpointWriter:
     def flush(self) -> None:
         """Blocks until every queued checkpoint is on disk."""
         if self._thread is not None:
-            with self._cond:
-                while not self._idle():
-                    self._cond.wait(self._POLL)
+            while True:
+                with self._lock:
+                    if self._idle():
+                        break
+                time.sleep(self._POLL)
         self._raise_pending()
 
     def _stop_thread(self) -> None:
         if self._thread is not None:
-            with self._cond:
+            with self._lock:
                 self._stop = True
                 self._cond.notify_all()
             self._thread.join()
@@ -337,7 +349,7 @@ class CheckpointWriter:
 
         Every file on disk is then complete: the run resumes from the newest one.
         """
-        with self._cond:
+        with self._lock:
             self._items.clear()
         self._stop_thread()
         self._error = None

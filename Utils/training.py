@@ -252,7 +252,7 @@ def _stored_config(run: RunDir) -> dict[str, Any]:
         stored = fileio.read_json(path)["config"]
         stored = TrainConfig.from_dict(stored).to_dict()
         validate({**stored, "experiment": run.experiment, "expid": run.expid})
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, UsageError) as err:
         why = f" ({err})" if isinstance(err, UsageError) else ""
         raise CorruptFileError(
             f"{path} is not a valid hyperparameters file{why}; restore it or start again "
