@@ -27,7 +27,7 @@ from Utils.figures.style import MAX_LEGEND_LAYERS, Options, short
 # A series with fewer finite points than this is drawn as markers, not as a line.
 SPARSE_POINTS = 20
 # Relative changes below this many units of the training dtype's epsilon are round-off.
-ROUND_OFF_EPS = 8.0
+ROUND_OFF_EPS = 1.0
 # Lowest value shown on a relative-error axis.
 ERROR_FLOOR = 1e-17
 
@@ -71,15 +71,17 @@ def normalise(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, bo
 
 
 def plot_xy(ax: Axes, x: np.ndarray, y: np.ndarray, **kwargs: Any) -> None:
-    """Plots y(x). A series with NaN between evaluations, or with fewer than `SPARSE_POINTS`
-    finite values, is drawn as markers only (a line would invent values between them)."""
+    """Plots y(x) through its finite values. A series with fewer than `SPARSE_POINTS` finite
+    values (evaluations, once per epoch) is drawn as markers only: a line would invent
+    values between them."""
     y = np.asarray(y, dtype=np.float64)
     ok = np.isfinite(y)
     if not ok.any():
         ax.plot(x, y, **kwargs)
         return
-    if ok.all() and ok.sum() >= SPARSE_POINTS:
-        ax.plot(x, y, **kwargs)
+    if ok.sum() >= SPARSE_POINTS:
+        kwargs.pop("marker", None)
+        ax.plot(np.asarray(x)[ok], y[ok], **kwargs)
         return
     kwargs.setdefault("marker", "o")
     kwargs.setdefault("markersize", 4)

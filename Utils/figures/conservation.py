@@ -222,7 +222,7 @@ def figure_conservation(data: CacheData, options: Options) -> Figure:
         if shown
     ]
     if err_handles and err_ax.lines:
-        err_ax.legend(handles=err_handles, loc="upper left", ncol=2, framealpha=0.85)
+        err_ax.legend(handles=err_handles, loc="best", ncol=2, framealpha=0.85)
     return fig
 
 

@@ -66,16 +66,16 @@ class CacheData(CacheReader):
 
     def lr_drops(self) -> list[tuple[float, float]]:
         """(x position, new lr / old lr) of every learning-rate change of the run, at the
-        first saved step with the new rate (from this cache's ``/lr`` or another cache's)."""
+        first saved step with the new rate (from the run's cache with the most rows)."""
         steps = self.steps.astype(np.float64)
         lr = self.get("lr")
-        if lr is not None and lr.shape == self.steps.shape:
+        found = _axis_of_other_caches(self.run, "lr")
+        if found is not None and (lr is None or found[0].size > steps.size):
+            src_steps, src_lr = found
+        elif lr is not None and lr.shape == self.steps.shape:
             src_steps, src_lr = steps, np.asarray(lr, dtype=np.float64)
         else:
-            found = _axis_of_other_caches(self.run, "lr")
-            if found is None:
-                return []
-            src_steps, src_lr = found
+            return []
         ok = np.isfinite(src_lr) & (src_lr > 0)
         src_steps, src_lr = src_steps[ok], src_lr[ok]
         changes = np.nonzero(~np.isclose(src_lr[1:], src_lr[:-1], rtol=1e-6, atol=0))[0] + 1
@@ -123,16 +123,23 @@ def natural_key(text: str) -> list[Any]:
 
 
 def _axis_of_other_caches(run: Run, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(steps, `name`) of the first cache of the run that stores both with the same length."""
-    for metric in sorted(run.metrics(""), key=metric_order):
-        try:
-            with CacheReader(run.cache_file(metric)) as other:
-                steps, values = other.get("steps"), other.get(name)
-        except CorruptFileError:
-            continue
-        if steps is not None and values is not None and values.shape == steps.shape:
-            return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    return None
+    """(steps, `name`) of the cache of the run with the most rows that stores both with the
+    same length (read once per run)."""
+    memo = run.memo.setdefault("axes", {})
+    if name not in memo:
+        best = None
+        for metric in sorted(run.metrics(""), key=metric_order):
+            try:
+                with CacheReader(run.cache_file(metric)) as other:
+                    steps, values = other.get("steps"), other.get(name)
+            except CorruptFileError:
+                continue
+            if steps is None or values is None or values.shape != steps.shape:
+                continue
+            if best is None or steps.size > best[0].size:
+                best = (np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64))
+        memo[name] = best
+    return memo[name]
 
 
 def _from_other_caches(run: Run, name: str, steps: np.ndarray) -> np.ndarray | None:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from Utils.figures.axes import empty_panel, grid_size, mark_lr_drops, panels_grid, pick
 from Utils.figures.base import register_plotter
 from Utils.figures.data import CacheData, run_title
-from Utils.figures.style import Options, layer_colors, new_figure, short, warn
+from Utils.figures.style import Options, distinct_colors, new_figure, short, warn
 
 # Weights drawn per parameter panel (each in its own colour).
 WEIGHTS_PER_PANEL = 10
@@ -126,7 +126,7 @@ def figure_network(data: CacheData, options: Options) -> Figure:
         chosen = pick(values.shape[1], WEIGHTS_PER_PANEL)
         shown = values[:, chosen]
         shown[~np.isfinite(shown)] = np.nan
-        for column, color in zip(shown.T, layer_colors(len(chosen))):
+        for column, color in zip(shown.T, distinct_colors(len(chosen))):
             ax.plot(x, column, color=color, lw=0.8, alpha=0.9)
         mark_lr_drops(ax, drops, label=False)
         ax.set_title(f"{short(p, 30)} ({len(chosen)} of {values.shape[1]})", fontsize=8.5)

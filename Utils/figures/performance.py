@@ -37,7 +37,7 @@ ACCURACIES = (
     ("top5", "test top-5", "^"),
 )
 # An accuracy at or above this (percent) at every evaluation after the first is saturated.
-SATURATED = 99.95
+SATURATED = 99.5
 
 
 def find(data: CacheData, name: str) -> np.ndarray | None:
@@ -79,7 +79,7 @@ def _draw_losses(ax: Axes, data: CacheData, color: Any = None) -> bool:
 
 
 def _draw_accuracies(ax: Axes, data: CacheData) -> tuple[bool, list[str]]:
-    """Draws the informative accuracies; returns (any drawn, labels of saturated ones)."""
+    """Draws the informative accuracies; returns (any drawn, legend texts of saturated ones)."""
     x = data.x()
     drew = False
     skipped = []
@@ -89,7 +89,8 @@ def _draw_accuracies(ax: Axes, data: CacheData) -> tuple[bool, list[str]]:
             continue
         v = as_percent(v)
         if saturated(v):
-            skipped.append(label)
+            low = float(np.nanmin(v[np.isfinite(v)][1:]))
+            skipped.append(f"{label}: {low:.1f}-100% after the first evaluation (not drawn)")
             continue
         plot_xy(ax, x, v, marker=marker, label=label)
         drew = True
@@ -181,10 +182,7 @@ def figure_performance(data: CacheData, options: Options) -> Figure:
     if drew:
         mark_lr_drops(ax_acc, drops)
         handles = ax_acc.get_legend_handles_labels()[0]
-        handles += [
-            Line2D([], [], ls="none", label=f"{label}: 100% after the first evaluation")
-            for label in skipped
-        ]
+        handles += [Line2D([], [], ls="none", label=text) for text in skipped]
         ax_acc.legend(handles=handles, loc="best")
     else:
         empty_panel(ax_acc, "no accuracies in this cache")

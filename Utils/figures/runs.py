@@ -30,6 +30,7 @@ class Run:
     experiment: str
     expid: str
     _hp: dict[str, Any] | None = field(default=None, repr=False)
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def path(self) -> str:
