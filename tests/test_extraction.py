@@ -34,11 +34,11 @@ from Utils.checkpoint import (
     load_checkpoint,
     rng_state,
 )
+from Utils.ckptread import read_arrays
 from Utils.errors import CorruptFileError, UserError
 from Utils.extraction import (
     extract_run,
     measure_throughput,
-    read_checkpoint_arrays,
     theory_arrays,
 )
 from Utils.groups import groups_from_json
@@ -291,7 +291,7 @@ def test_array_reader_matches_torch_load(tmp_path):
     }
     path = tmp_path / "c.pt"
     torch.save(payload, path)
-    got = read_checkpoint_arrays(str(path))
+    got = read_arrays(str(path))
     assert got["step"] == 3
     for name, tensor in payload["model"].items():
         want = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
