@@ -383,4 +383,3 @@ def latest_valid_checkpoint(
         except CorruptFileError:
             skipped.append(path)
     return None, skipped
-

@@ -26,6 +26,7 @@ unpickled. Both readers check the CRC-32 of every record they use (`verify_crc`)
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import io
 import math
@@ -50,6 +51,7 @@ SAFE_GLOBALS = (
     ("numpy.core.multiarray", "_reconstruct"),  # numpy < 2 ndarray pickles
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    ("numpy.dtypes", "UInt32DType"),  # the state's dtype, restored by torch's BUILD
 )
 # what the array reader also admits: torch's defaults that this project's checkpoints use
 _READER_GLOBALS = frozenset(SAFE_GLOBALS) | {
@@ -321,6 +323,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             return _StorageType(name)
         if module == "torch" or module.startswith("torch."):
             raise Unsupported(f"{module}.{name}")  # safe_torch_load decides
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)  # protocol 2 names
         if (module, name) in _READER_GLOBALS:
             return super().find_class(module, name)
         raise UnsafeCheckpointError(self._path, f"{module}.{name}")

@@ -303,6 +303,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _reason(err: BaseException) -> str:
     """The parenthesised cause in a `load_checkpoint` error, or the whole message."""
+    if isinstance(err, ckptread.UnsafeCheckpointError):
+        return f"refused: it needs {err.name}, and loading it could run code"
     text = str(err)
     start, end = text.find("("), text.find(")")
     return text[start + 1 : end] if 0 <= start < end else text
