@@ -210,12 +210,13 @@ def test_checkpoints_need_no_global_outside_torchs_defaults(base_run):
 
 def test_old_checkpoints_with_a_numpy_random_state_still_load(base_run, tmp_path):
     ckpt = load_checkpoint(list_checkpoints(base_run)[-1])
-    ckpt["rng"]["numpy"] = np.random.get_state()  # the tuple older versions stored
+    legacy = np.random.get_state()  # noqa: NPY002 (the tuple older versions stored)
+    ckpt["rng"]["numpy"] = legacy
     old = tmp_path / "old.pt"
     torch.save(ckpt, old)
     for read in (ckptread.read_arrays, load_checkpoint):
         state = read(str(old))["rng"]["numpy"]
-        assert state[0] == "MT19937" and np.array_equal(state[1], np.random.get_state()[1])
+        assert state[0] == "MT19937" and np.array_equal(state[1], legacy[1])
 
 
 # ----------------------------------------------------------------------------- CRC-32
