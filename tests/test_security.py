@@ -278,21 +278,51 @@ def test_the_shell_scripts_use_the_python_name_rule():
 def test_sync_gcloud_rejects_an_injected_name_and_quotes_remote_commands(tmp_path):
     evil = "x;touch${IFS}INJECTED;"
     for args in (["gs://b/r", "demo", evil], ["--tpu", "nm", "--zone", "z", "r", evil]):
-        out = subprocess.run(
-            ["bash", str(SCRIPTS / "sync_gcloud.sh"), "--dry-run", *args],
-            capture_output=True, text=True, cwd=tmp_path,
-        )  # fmt: skip
+        out = sync("--dry-run", *args, cwd=tmp_path)
         assert out.returncode == 2 and "INJECTED" in out.stderr and out.stdout == ""
     assert not (tmp_path / "INJECTED").exists()
-    out = subprocess.run(
-        ["bash", str(SCRIPTS / "sync_gcloud.sh"), "--dry-run", "--no-checkpoints", "--tpu",
-         "nm", "--zone", "z", "my results", "demo", "r1"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    spaced = sync("--dry-run", "--tpu", "nm", "--zone", "z", "my results;x", "demo", "r1")
+    assert spaced.returncode == 2 and "plain path" in spaced.stderr
+    out = sync(
+        "--dry-run", "--no-checkpoints", "--tpu", "nm", "--zone", "z", "nm/res", "demo", "r1"
+    )
     assert out.returncode == 0, out.stderr
     ssh = next(line for line in out.stdout.splitlines() if " ssh " in line)
-    command = ssh.split("--command=", 1)[1]
-    remote = subprocess.run(["bash", "-c", f"printf '%s\\n' {command}"], capture_output=True)
-    words = remote.stdout.decode().splitlines()  # what the remote shell will run, word by word
-    assert words[:3] == ["tar", "-C", "my\\ results/demo"] or "my results/demo" in words, words
-    assert "r1" in words and all(";" not in w for w in words)
+    assert (
+        words_of(ssh)[-1]
+        == "--command=tar -C nm/res/demo --exclude=ckpt -cf /tmp/nm-sync-r1.tar r1"
+    )
+    remote = words_of(ssh)[-1].split("=", 1)[1]
+    assert (
+        words_of(remote) == "tar -C nm/res/demo --exclude=ckpt -cf /tmp/nm-sync-r1.tar r1".split()
+    )
+    kill = subprocess.run(
+        ["bash", str(SCRIPTS / "kill_all.sh"), "--dry-run", "--tpu", "nm", "--zone", "z",
+         "--repo", "my repo", "a;b", "$(x)"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert kill.returncode == 0, kill.stderr
+    remote = words_of(kill.stdout.strip())[-1].split("=", 1)[1]
+    assert words_of(remote) == ["cd", "my repo", "&&", "scripts/kill_all.sh", "--signal", "TERM",
+                                "a;b", "$(x)"]  # fmt: skip
+
+
+def sync(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs scripts/sync_gcloud.sh."""
+    return subprocess.run(
+        ["bash", str(SCRIPTS / "sync_gcloud.sh"), *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def words_of(line: str) -> list[str]:
+    """The words a shell makes of `line` (quotes removed, nothing expanded or run)."""
+    import shlex
+
+    return shlex.split(line)
+
+
+def test_lib_sh_passes_shellcheck():
+    lint = subprocess.run(
+        ["shellcheck", "--severity=style", str(SCRIPTS / "lib.sh")], capture_output=True, text=True
+    )
+    assert lint.returncode == 0, lint.stdout
