@@ -33,6 +33,8 @@ CKPT_DIR = "ckpt"
 CKPT_PREFIX = "step_"
 CKPT_SUFFIX = ".pt"
 
+METRIC_NAMES = ("train_loss", "train_top1", "test_loss", "top1", "top5")  # ckpt["metrics"]
+
 CHECKPOINT_KEYS = {
     "format": "the string FORMAT",
     "version": "format version (int)",

@@ -28,6 +28,8 @@ checkpoint lacks it are NaN, e.g. momentum before the first step), the custom_sg
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +47,9 @@ import torch
 
 from Utils import ckptread, fileio, storage
 from Utils.checkpoint import FORMAT as CKPT_FORMAT
-from Utils.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
+from Utils.checkpoint import METRIC_NAMES, checkpoint_dir, list_checkpoints, load_checkpoint
 from Utils.errors import CorruptFileError, UserError
 from Utils.storage import DatasetSpec, FeaturesWriter, LayoutMismatchError, Row
-
-METRIC_NAMES = ("train_loss", "train_top1", "test_loss", "top1", "top5")
 
 # Config keys that may differ between the checkpoints of one run (set per invocation when a
 # run is resumed on another machine, or from another folder after it was moved: train.py takes
@@ -449,17 +449,9 @@ class ExtractionReport:
         return line
 
 
-def _run_hint(run_dir: str) -> tuple[str, str, str]:
-    path = str(run_dir).rstrip("/")
-    expid = os.path.basename(path)
-    experiment = os.path.basename(os.path.dirname(path))
-    save_dir = os.path.dirname(os.path.dirname(path)) or "."
-    return save_dir, experiment, expid
-
-
 def _check_same_run(writer: FeaturesWriter, ref: _Scan, run_dir: str) -> None:
     """Raises UserError when the open file was extracted from another run."""
-    save_dir, experiment, expid = _run_hint(run_dir)
+    save_dir, experiment, expid = storage.run_location(run_dir)
     fix = (
         f"rebuild it with python extract.py --save-dir {save_dir} --experiment {experiment} "
         f"--expid {expid} --overwrite"
@@ -723,7 +715,53 @@ def extract_run(
     run_dir = str(run_dir)
     if not fileio.exists(run_dir):
         raise UserError(f"no run at {run_dir}; check --save-dir/--experiment/--expid")
-    save_dir, experiment, expid = _run_hint(run_dir)
+    with _extraction_lock(run_dir):
+        return _extract_run(run_dir, overwrite, skip_bad, verbose, progress, t0)
+
+
+LOCK_NAME = ".extract.lock"
+
+
+@contextlib.contextmanager
+def _extraction_lock(run_dir: str) -> Iterator[None]:
+    """Holds ``<run>/.extract.lock`` (an flock, released by the OS if the process dies).
+
+    Local runs only (a URL run is extracted into a private temporary file and uploaded in
+    one piece). A folder where the lock file cannot be created is extracted without it.
+
+    Raises:
+        UserError: another process holds the lock (names its PID).
+    """
+    if fileio.is_url(run_dir):
+        yield
+        return
+    path = os.path.join(fileio.local_path(run_dir), LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # read-only folder: writing features.h5 fails later with its own message
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            raise UserError(
+                f"another extract.py (PID {holder}) is extracting {run_dir}; wait until it "
+                "finishes (its result is this run's features.h5), then run again if needed"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _extract_run(
+    run_dir: str, overwrite: bool, skip_bad: bool, verbose: bool, progress: bool, t0: float
+) -> ExtractionReport:
+    """`extract_run` once the run is locked."""
+    save_dir, experiment, expid = storage.run_location(run_dir)
     paths = list_checkpoints(run_dir)
     if not paths:
         raise UserError(

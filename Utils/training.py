@@ -26,6 +26,7 @@ from torch import nn
 
 from Utils import fileio
 from Utils.checkpoint import (
+    METRIC_NAMES,
     CheckpointWriter,
     latest_valid_checkpoint,
     rng_state,
@@ -35,8 +36,6 @@ from Utils.checkpoint import (
 from Utils.ckptread import UnsafeCheckpointError, safe_torch_load
 from Utils.distributed import DistContext, init_from_env, shutdown
 from Utils.errors import CorruptFileError, UsageError, UserError
-
-METRIC_NAMES = ("train_loss", "train_top1", "test_loss", "top1", "top5")
 
 
 class TrainingDivergedError(UserError):
