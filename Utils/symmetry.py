@@ -2,36 +2,46 @@
 
 `find_groups` traces a model with `torch.fx.symbolic_trace`, propagates the shapes of an
 example input through the graph (`torch.fx.passes.shape_prop.ShapeProp`) and finds, from
-module types and graph structure only (no per-model maps, no parameter-name matching):
+module types and graph structure only (no per-model maps, no parameter-name matching), the
+groups of every kind of `Utils.kinds.KINDS`, in the structures each kind lists:
 
-* translation: the Linear whose output is the model output, for softmax cross-entropy;
-* scale: every Linear / Conv1d / Conv2d / Conv3d whose only user is a BatchNorm1d/2d/3d;
-* rescale: every Linear / Conv whose output reaches exactly one next Linear / Conv through a
-  chain of positively homogeneous per-channel operations (ReLU, LeakyReLU, max / average
-  pooling, dropout, identity, flatten), each with a single user and a single tensor input.
+* translation: the Linear whose output is the model output, for softmax cross-entropy; or
+  the Linear feeding a final (log_)softmax, for any loss (e.g. nll);
+* scale: every Linear / Conv whose only user is a BatchNorm or InstanceNorm (per channel) or
+  a GroupNorm (per GroupNorm group); every Linear / Conv reaching a LayerNorm through
+  homogeneous operations, pooling, reshapes and permutes (the whole layer, one group);
+* rescale: every Linear / Conv, and every normalisation's affine (gamma_i, beta_i), whose
+  output reaches only Linear / Conv consumers through positively homogeneous per-unit
+  operations (ReLU, LeakyReLU, max / average pooling, dropout, identity, flatten): the
+  outgoing side is the union of the consumers' incoming blocks of unit i (a depthwise
+  consumer's block is its output channels reading unit i).
+
+Groups may overlap; a module called more than once or with tied or frozen parameters is
+skipped (`skipped_layers` gives the reason).
 
 `verify_groups` measures, on one batch, the relative violation |<g_A, c_A>| / (|g_A| |c_A|)
-of every neuron group and marks a layer invalid when it exceeds the tolerance.
+of every neuron group and names why each group holds (exact, eps, round-off) or not.
 
-Tolerances. The default is 1e-3 for float32 models, 1e-8 for float64 and 5e-2 for 16-bit
-floats. Scale groups are exact only for BatchNorm eps = 0. For eps > 0 the violation is
-physics, and it is known exactly: scaling a channel's pre-activation z by alpha changes the
-normalised value zhat = (z - mu) / sqrt(var + eps) at rate eps / (var + eps) * zhat, so
+Normalisation eps. Scale groups are exact only for eps = 0. For eps > 0 the violation is
+physics, and it is known exactly: scaling the normalised input z by alpha changes
+zhat = (z - mu) / sqrt(var + eps) at rate eps / (var + eps) * zhat (per set of elements that
+share statistics), so
 
-    <g_A, theta_A> = eps / (var + eps) * sum over the channel of (dL/dzhat) * zhat.
+    <g_A, theta_A> = sum over the group's elements of eps / (var + eps) * (dL/dzhat) * zhat.
 
-Verification records this eps term per channel (forward hook on the BatchNorm) and requires
-both (i) the residual |<g_A, theta_A> - eps term| / (|g_A| |theta_A|) <= tol: the group is
-structurally right, the only deviation is the one eps implies; and (ii) the raw violation
-<= max(tol, 1e-2) (`BN_EPS_TOL`): the conservation law holds well enough for the theory to
-apply (it fails for channels whose variance is comparable to eps). The raw violation is stored
-in `.violation`, the residual in ``meta["eps_residual"]``.
+Verification records this eps term (forward hook on the normalisation) and requires both
+(i) the residual |<g_A, theta_A> - eps term| / (|g_A| |theta_A|) <= tol: the group is
+structurally right; and (ii) the raw violation <= max(tol, 1e-2) (`BN_EPS_TOL`): the
+conservation law holds well enough for the theory to apply (it fails for channels whose
+variance is comparable to eps). Where (i) fails in float32 only, a float64 copy of the model
+decides between float32 round-off and a broken group.
 
-`loss_fn` (the "ce" / "mse" training losses) is `Utils.losses.loss_fn`, re-exported here so
-that detection, verification and training share one definition.
+`loss_fn` (the training losses) is `Utils.losses.loss_fn`, re-exported here so that
+detection, verification and training share one definition.
 
 Command line: ``python -m Utils.symmetry --model vgg-demo --model-class default --dataset
-fashion-mnist [--json]`` prints the groups of a registered model on a batch of a dataset.
+fashion-mnist [--json]`` prints the groups of a registered model on a batch of a dataset;
+``python -m Utils.symmetry --kinds`` lists every kind and structure.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ __all__ = [
     "loss_fn",
     "main",
     "run",
+    "skipped_layers",
     "verify_groups",
 ]
 
@@ -295,12 +306,13 @@ class _Layer:
 
 
 def _owned_params(
-    model: nn.Module, target: str, module: nn.Module, params: dict, owners: Counter
-) -> tuple[str | None, str | None] | None:
-    """(weight name, bias name or None) of a module whose parameters are its own, else None.
+    target: str, module: nn.Module, params: dict, owners: Counter
+) -> tuple[str | None, str | None] | str:
+    """(weight name, bias name or None) of a module whose parameters are its own.
 
-    None when a parameter is shared with another module (tied weights), does not require
-    gradients, or the module has no weight.
+    Returns:
+        The names, or the reason the module cannot carry groups: a parameter shared with
+        another module (tied weights) or not requiring gradients.
     """
     names: list[str | None] = []
     for attr in ("weight", "bias"):
@@ -308,26 +320,32 @@ def _owned_params(
         name = f"{target}.{attr}"
         if tensor is None:
             names.append(None)
-        elif params.get(name) is tensor and owners[id(tensor)] == 1 and tensor.requires_grad:
-            names.append(name)
+        elif params.get(name) is not tensor or owners[id(tensor)] > 1:
+            return f"its {attr} is tied to another module's parameter"
+        elif not tensor.requires_grad:
+            return f"its {attr} does not require gradients"
         else:
-            return None
-    return None if names[0] is None else (names[0], names[1])
+            names.append(name)
+    return (names[0], names[1])
 
 
-def _collect_layers(model: nn.Module, gm: fx.GraphModule) -> dict[fx.Node, _Layer]:
+def _collect_layers(
+    model: nn.Module, gm: fx.GraphModule, skipped: dict[str, str] | None = None
+) -> dict[fx.Node, _Layer]:
     """Finds the Linear / Conv and affine-normalisation call nodes that can carry groups.
 
     A module is skipped when it is called more than once (weight reuse), when one of its
-    parameters is shared with another module (tied weights) or does not require gradients.
-    A LayerNorm qualifies as a norm only with a one-dimensional normalized_shape.
+    parameters is shared with another module (tied weights) or does not require gradients;
+    `skipped` (if given) receives module name -> reason. A LayerNorm qualifies as a norm
+    only with a one-dimensional normalized_shape.
     """
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     params = dict(model.named_parameters())
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     layers: dict[fx.Node, _Layer] = {}
+    skipped = {} if skipped is None else skipped
     for node in gm.graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1:
+        if node.op != "call_module":
             continue
         module = model.get_submodule(node.target)
         if isinstance(module, LAYER_TYPES):
@@ -338,10 +356,35 @@ def _collect_layers(model: nn.Module, gm: fx.GraphModule) -> dict[fx.Node, _Laye
             role = "norm"
         else:
             continue
-        owned = _owned_params(model, node.target, module, params, owners)
-        if owned is not None:
+        if calls[node.target] != 1:
+            skipped[node.target] = f"called {calls[node.target]} times (weights reused)"
+            continue
+        owned = _owned_params(node.target, module, params, owners)
+        if isinstance(owned, str):
+            skipped[node.target] = owned
+        else:
             layers[node] = _Layer(node.target, module, node, owned[0], owned[1], role)
     return layers
+
+
+def skipped_layers(model: nn.Module, example_input: Tensor) -> dict[str, str]:
+    """The Linear / Conv / affine-norm modules detection cannot use, with the reason.
+
+    Args:
+        model: the network (fx-traceable).
+        example_input: an input batch the model accepts.
+
+    Returns:
+        module name -> reason (weights reused by several calls, tied to another module's
+        parameter, or frozen), in graph order.
+    """
+    gm = _trace(model)
+    first = next(model.parameters(), None)
+    example = example_input[:2] if first is None else example_input[:2].to(first.device)
+    _propagate_shapes(gm, model, example)
+    skipped: dict[str, str] = {}
+    _collect_layers(model, gm, skipped)
+    return skipped
 
 
 def _module_of(model: nn.Module, node: fx.Node) -> nn.Module | None:
@@ -815,25 +858,34 @@ def verify_groups(
     loss: str = "ce",
     tol: float | None = None,
 ) -> list[SymmetryGroup]:
-    """Measures each group's gradient constraint on a batch and marks violated layers invalid.
+    """Measures each group's gradient constraint on a batch and names why it holds or not.
 
-    Per neuron group A, the relative violation is |<g_A, c_A>| / (|g_A| |c_A|) with c_A = 1
-    (translation), theta_A (scale) or (theta_A1, -theta_A2) (rescale), computed in float64
-    from the batch gradient (train mode, mean loss); a group with zero gradient counts 0.
-    A layer's `.violation` is the maximum over its groups.
+    Per neuron group A, the relative violation is |<g_A, c_A>| / (|g_A| |c_A|)
+    (`Utils.kinds.violation`, with the kind's direction c_A: 1, theta_A, or
+    (theta_A1, -theta_A2)), computed in float64 from the batch gradient (train mode, mean
+    loss); a group with zero gradient counts 0. A layer's `.violation` is the maximum over
+    its groups. Each verified group says why it holds in ``meta["cause"]``:
+
+    * "exact": violation <= tol;
+    * "eps": a scale group whose normalisation has eps > 0; the exact eps term is subtracted
+      and what it leaves, ``meta["eps_residual"]``, is <= tol; the raw violation must also be
+      <= max(tol, `BN_EPS_TOL`), else the group is invalid (variance near eps);
+    * "round-off": the violation (or eps residual) is above tol in the model's precision but
+      within float64's tol when a float64 copy of the model is run on the same batch
+      (``meta["float64_violation"]`` / ``meta["float64_eps_residual"]``, ``meta["note"]``).
+
+    Groups that fail in float64 too are invalid, with a reason giving both figures.
 
     Args:
         model: the network the groups belong to (its modes, buffers and the RNG are kept).
         groups: groups from `find_groups` (or from JSON).
         inputs: input batch ``[B, ...]``.
         targets: targets ``[B]`` (class indices) or ``[B, C]`` floats for "mse".
-        loss: "ce" or "mse".
+        loss: a name of `Utils.losses.LOSSES`.
         tol: violation tolerance; default from `default_tol` (1e-3 float32, 1e-8 float64).
-            Scale groups whose BatchNorm has eps > 0 must have their residual after the exact
-            eps term within `tol` and their raw violation within max(tol, `BN_EPS_TOL`).
 
     Returns:
-        New groups with `violation` set; those above tolerance are invalidated with a reason.
+        New groups with `violation` and the cause set; the others invalidated with a reason.
 
     Raises:
         UnknownNameError: unknown loss.
@@ -1087,6 +1139,8 @@ def run(args: argparse.Namespace) -> tuple[list[SymmetryGroup], str]:
     x, y, is_real = sample_batch(args.dataset, args.data_dir, args.batch_size, args.seed)
     source = "real" if is_real else f"random stand-in (no {args.dataset} files in {args.data_dir})"
     note = f"verified on one {source} batch of {len(x)} samples, {loss} loss"
+    for name, reason in skipped_layers(model, x).items():
+        note += f"\nskipped {name}: {reason}"
     return detect(model, x, y, loss, args.tol), note
 
 

@@ -15,7 +15,14 @@ from torch import nn
 
 from Utils.errors import UnknownNameError, UserError
 from Utils.groups import Member, SymmetryGroup, groups_from_json, groups_to_json
-from Utils.symmetry import default_tol, detect, find_groups, loss_fn, verify_groups
+from Utils.symmetry import (
+    default_tol,
+    detect,
+    find_groups,
+    loss_fn,
+    skipped_layers,
+    verify_groups,
+)
 
 F64 = torch.float64
 
@@ -476,6 +483,11 @@ def test_shared_and_tied_weights_are_skipped():
     tied = _seq(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     tied[2].weight = tied[0].weight
     assert find_groups(tied, x) == []
+    assert skipped_layers(Reused().to(F64), x) == {"fc": "called 2 times (weights reused)"}
+    assert skipped_layers(tied, x) == {
+        "0": "its weight is tied to another module's parameter",
+        "2": "its weight is tied to another module's parameter",
+    }
 
 
 def test_dead_relu_group_counts_zero():
