@@ -1040,3 +1040,38 @@ def test_false_groups_change_the_outputs():
     for group in false:
         with pytest.raises(AssertionError):
             _assert_symmetries(model, [group], x)
+
+
+def test_eps_residual_round_off_is_named():
+    """Issue 13: an eps residual above tol in float32 but at round-off in float64 is named
+    float32 round-off, with the float64 figure; a real eps violation keeps its own reason."""
+    model = _seq(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 2))
+    x, y = _batch((2, 4, 4), classes=2)
+    model32 = copy.deepcopy(model).float()
+    groups = find_groups(model32, x.float())
+    (scale,) = verify_groups(
+        model32, [g for g in groups if g.kind == "scale"], x.float(), y, tol=1e-12
+    )
+    assert scale.valid and scale.meta["cause"] == "round-off"
+    assert scale.meta["eps_residual"] > 1e-12 > scale.meta["float64_eps_residual"]
+    assert "float32 round-off" in scale.meta["note"] and "float64" in scale.meta["note"]
+    (exact,) = verify_groups(model32, [g for g in groups if g.kind == "scale"], x.float(), y)
+    assert exact.valid and exact.meta["cause"] == "eps" and "note" not in exact.meta
+
+
+def test_kinds_list_on_the_command_line(repo_root):
+    out = subprocess.run(
+        [sys.executable, "-m", "Utils.symmetry", "--kinds"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    from Utils.kinds import KINDS
+
+    for spec in KINDS.values():
+        for structure in spec.structures:
+            assert any(
+                line.split()[:2] == [spec.name, structure.name] for line in out.stdout.splitlines()
+            )

@@ -582,3 +582,15 @@ def test_exact_theory_of_new_groups_float64():
 def test_exact_theory_of_new_groups_float32():
     errors = train_new(torch.float32)
     assert max(errors.values()) <= 1e-5, errors
+
+
+def test_public_measure_torch_and_numpy_agree():
+    """`theory.measure` takes torch tensors or numpy arrays with a step axis."""
+    torch.manual_seed(0)
+    model = TwoBranch().double()
+    params = dict(model.named_parameters())
+    for g in hand_groups():
+        one = theory.measure(g, params).numpy()  # [size]
+        stacked = {n: np.stack([p.detach().numpy()] * 2) for n, p in params.items()}
+        two = theory.measure(g, stacked, lead=1)  # [2, size]
+        np.testing.assert_allclose(two, np.stack([one, one]), rtol=1e-15, atol=1e-15)
