@@ -11,10 +11,9 @@ Every script finds a run's files through `RunDir`; no other module spells their 
     figures/               plot.py
     .lock                  the process id of the train.py writing the run
 
-Run names (``--experiment``, ``--expid``) are checked by `check_name`: one folder name of
-letters, digits and ``._+=,-`` that starts with a letter or digit, at most `MAX_NAME`
-characters, so a run folder always lies inside ``--save-dir`` and ``--overwrite`` can only
-empty that folder. scripts/sync_gcloud.sh applies the same rule (`NAME_PATTERN`).
+Run names (``--experiment``, ``--expid``) are checked by `check_name` (the one rule of
+`Utils.names`: a single plain folder name), so a run folder always lies inside ``--save-dir``
+and ``--overwrite`` can only empty that folder.
 """
 
 from __future__ import annotations
@@ -24,11 +23,8 @@ import re
 import tempfile
 
 from Utils import fileio
-from Utils.errors import UsageError, UserError
-
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+=,-]*"
-MAX_NAME = 100
-_NAME_RE = re.compile(NAME_PATTERN)
+from Utils.errors import UserError
+from Utils.names import validate_run_name
 
 HYPERPARAMETERS = "hyperparameters.json"
 GROUPS = "groups.json"
@@ -43,28 +39,12 @@ OWNED = (HYPERPARAMETERS, GROUPS, METRICS, CKPT_DIR, FEATURES, CACHE_DIR, FIGURE
 
 
 def check_name(name: str, flag: str) -> str:
-    """Checks a run name (one folder name, see the module docstring).
-
-    Args:
-        name: the value of --experiment or --expid.
-        flag: the flag, for the message.
-
-    Returns:
-        The name.
+    """Checks a run name (`Utils.names.validate_run_name`: one plain folder name).
 
     Raises:
         UsageError: empty, too long, or with characters outside the rule (``..``, ``/``...).
     """
-    if not isinstance(name, str) or not name:
-        raise UsageError(f"{flag} is empty; give a name such as run1")
-    if len(name) > MAX_NAME:
-        raise UsageError(f"{flag} is {len(name)} characters long; give at most {MAX_NAME}")
-    if not _NAME_RE.fullmatch(name):
-        raise UsageError(
-            f"{flag} {name!r} is not a plain folder name; use letters, digits and ._+=,- "
-            "starting with a letter or digit (no '/', no '..')"
-        )
-    return name
+    return validate_run_name(name, flag)
 
 
 def pid_alive(pid: int) -> bool:

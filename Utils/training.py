@@ -42,6 +42,7 @@ from Models import get_model
 from Utils import fileio, xla
 from Utils.checkpoint import (
     FORMAT,
+    METRIC_NAMES,
     VERSION,
     CheckpointWriter,
     latest_valid_checkpoint,
@@ -50,6 +51,7 @@ from Utils.checkpoint import (
     save_steps,
     set_rng_state,
 )
+from Utils.ckptread import UnsafeCheckpointError, safe_torch_load
 from Utils.config import (
     MACHINE_KEYS,
     RESUMABLE_KEYS,
@@ -76,8 +78,6 @@ from Utils.optimizers import BUFFERS, build_optimizer
 from Utils.registry import parse_name_list
 from Utils.rundir import RunDir, RunLock, held_by_other, lock_path  # noqa: F401 (lock_path: API)
 from Utils.symmetry import detect
-
-METRIC_NAMES = ("train_loss", "train_top1", "test_loss", "top1", "top5")
 
 
 class TrainingDivergedError(UserError):
@@ -337,7 +337,9 @@ def restore_weights(model: nn.Module, path: str, name: str = "") -> None:
     if not fileio.exists(path):
         raise UserError(f"--restore-path {path} does not exist; give a checkpoint file")
     try:
-        obj = fileio.torch_load(path)
+        obj = safe_torch_load(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception:
         raise CorruptFileError(f"--restore-path {path} is not a readable checkpoint") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
