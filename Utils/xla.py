@@ -4,10 +4,11 @@ Only this module imports ``torch_xla`` (lazily, so the rest of the project runs 
 It uses the ``torch_xla.runtime`` API of torch-xla 2.x (``xr.world_size()``,
 ``xr.global_ordinal()``); the XRT-era ``xm.xrt_world_size()``/``xm.get_ordinal()`` are gone.
 
-A TPU run is `spawn_train`: ``xmp.spawn`` starts one process per XLA device (or runs one
-process in place with ``--workers 1``); each process builds an `XlaContext` (a `DistContext`
-whose collectives are XLA's) and runs the per-process function it is given, the same
-training loop as single-process and DDP runs (``Utils.training.run_training``). The loop differs only where XLA needs it:
+A TPU run is ``spawn(run_training, cfg)``: ``xmp.spawn`` starts one process per XLA device
+(or runs one process in place with ``--workers 1``); each process builds an `XlaContext` (a
+`DistContext` whose collectives are XLA's) and runs the per-process function it is given,
+the same training loop as single-process and DDP runs (``Utils.training.run_training``; this
+module does not import the training module). The loop differs only where XLA needs it:
 
 * batches are cut on the CPU (each rank its contiguous slice of the global batch, exactly as
   under DDP) and moved by ``MpDeviceLoader``, which also marks the step after each batch;
