@@ -19,7 +19,7 @@ from Utils.rundir import RunDir
 
 def build_parser() -> Parser:
     """The parser of cache.py."""
-    from Utils.metrics import ALIASES, METRICS
+    from Utils.metrics import ALIASES, METRICS  # the metric modules: loaded for the parser only
 
     p = Parser(
         prog="cache.py",

@@ -23,6 +23,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
 from Utils.errors import UsageError
+from Utils.registry import parse_name_list
 from Utils.rundir import check_name
 
 _REGISTRIES = ("datasets", "model_classes", "losses", "optimizers", "buffers")
@@ -298,7 +299,6 @@ def _validate_names(cfg: dict[str, Any], need) -> None:
     """Checks the registry names: model for its class, buffers, optimizer."""
     from Models import list_models  # imports torch: see _registries
     from Utils.optimizers import BUFFERS, OPTIMIZERS
-    from Utils.registry import parse_name_list
 
     models = list_models(cfg["model_class"])
     need(
