@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from Utils import ckptread, fileio, storage
+from Utils import ckptread, fileio, interrupt, storage
 from Utils.checkpoint import FORMAT as CKPT_FORMAT
 from Utils.checkpoint import METRIC_NAMES, checkpoint_dir, list_checkpoints, load_checkpoint
 from Utils.errors import CorruptFileError, UserError
@@ -327,6 +327,7 @@ def _scan(
     skipped: list[str] = []
     with _progress(len(paths), "scan", progress) as bar:
         for path in paths:
+            interrupt.check()
             try:
                 scan, row = _scan_one(path, intern)
                 scans.append(scan)
@@ -545,6 +546,7 @@ def _write_rows(
     by_step = {s.step: s for s in todo}
     with _progress(len(todo), "extract", progress) as bar:
         for scan in todo:
+            interrupt.check()
             try:
                 row = kept.pop(scan.path, None)
                 if row is None:
