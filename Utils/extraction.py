@@ -139,7 +139,7 @@ def checkpoint_row(ckpt: Mapping[str, Any], source: str) -> Row:
 
     Args:
         ckpt: a loaded checkpoint (see Utils/checkpoint.py), with torch tensors or, from
-            `read_checkpoint_arrays`, numpy arrays.
+            `Utils.ckptread.read_arrays`, numpy arrays.
         source: the checkpoint's file name.
 
     Raises:
