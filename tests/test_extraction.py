@@ -649,6 +649,7 @@ def test_a_second_extraction_of_the_same_run_says_another_is_running(base_run, t
     assert "another extract.py" in line and "4242" in line and run in line
     assert not os.path.exists(storage.features_path(run))
     assert run_extract(*cli(run)).returncode == 0  # the lock is gone with its holder
+    assert not os.path.exists(os.path.join(run, LOCK_NAME))  # removed at the end
 
 
 @pytest.mark.slow
