@@ -138,7 +138,7 @@ def layer_key(fig: Figure, axes: Sequence[Axes], names: Sequence[str]) -> None:
 def layer_legend(fig: Figure, ax: Axes, layers: Sequence[str], options: Options) -> None:
     """A legend naming the layers (inside for up to 4, beside the axes up to
     `MAX_LEGEND_LAYERS` or with --legend) or a colour bar keyed by depth."""
-    if not [h for h in ax.get_legend_handles_labels()[1] if not h.startswith("lr ")]:
+    if not ax.get_legend_handles_labels()[0]:
         return
     if len(layers) <= 4:
         ax.legend(loc="best", fontsize=7, framealpha=0.85)

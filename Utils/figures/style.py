@@ -123,7 +123,6 @@ def rc(options: Options) -> dict[str, Any]:
         "grid.alpha": 0.3,
         "lines.linewidth": 1.5,
         "axes.formatter.useoffset": False,
-        "axes.formatter.limits": (-3, 4),
     }
 
 

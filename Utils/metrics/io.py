@@ -356,7 +356,11 @@ def check_cache(path: str) -> str:
                     return f"dataset /{name} is missing"
                 if list(item.shape) != list(shape):
                     return f"dataset /{name} has shape {list(item.shape)}, not {list(shape)}"
-                _read_all(item)
+                try:
+                    _read_all(item)
+                except (OSError, ValueError, RuntimeError) as exc:
+                    reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+                    return f"dataset /{name} cannot be read back ({reason})"
     except CorruptFileError as exc:
         return str(exc).split(";")[0]
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
