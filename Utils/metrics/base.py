@@ -79,18 +79,14 @@ class FeaturesInfo:
         for b in storage.buffer_names(f):
             buffers[b] = list(storage.buffer_params(f, b))
         metrics = []
-        if "metrics" in f:
-            for name in f["metrics"]:
-                values = np.asarray(storage.read_metric(f, name), dtype=np.float64)[:n]
-                if np.isfinite(values).any():
-                    metrics.append(name)
-        theory: set[str] = set()
-        if "theory" in f:
-            for kind in f["theory"]:
-                for layer in f["theory"][kind]:
-                    theory.add(f"{kind}/{layer}")
-        shapes = {p: tuple(f["params"][p].shape[1:]) for p in params}
-        dtypes = {p: f["params"][p].dtype for p in params}
+        for name in storage.metric_names(f):
+            values = np.asarray(storage.read_metric(f, name), dtype=np.float64)[:n]
+            if np.isfinite(values).any():
+                metrics.append(name)
+        theory = set(storage.theory_keys(f))
+        layout = storage.param_layout(f)
+        shapes = {p: shape for p, (shape, _) in layout.items()}
+        dtypes = {p: dtype for p, (_, dtype) in layout.items()}
         weights = [p for p in params if not p.endswith(_NOT_TRAINABLE)]
         return cls(
             num_rows=n,
