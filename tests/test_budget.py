@@ -7,13 +7,17 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from Utils import theory
-from Utils.groups import Member, SymmetryGroup
+from Utils.budget import TERMS, BudgetTracker
+from Utils.errors import CorruptFileError, UsageError
+from Utils.groups import Member, SymmetryGroup, group_sum
 from Utils.optimizers import build_optimizer
 
 EPS_BN = 1e-30  # exact scale invariance (BatchNorm refuses eps = 0)
@@ -77,3 +81,196 @@ def test_dampened_paper_theory_uses_the_corrected_kick():
     assert np.abs(q / snap["initial"] - 1).max() > 0.3  # Q really moved
     assert np.abs(snap["paper"] / q - 1).max() < 0.02
     assert np.abs(old.numpy() / q - 1).max() > 0.2
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+class SymNet(nn.Module):
+    """Linear(8, 6) -> BN -> ReLU -> Linear(6, 5) -> ReLU -> Linear(5, 3), softmax CE.
+
+    Exact symmetries: scale of ``0`` (BN eps 1e-30), rescale ``3 -> 5`` (ReLU), translation of
+    the last layer (cross-entropy).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(8, 6),
+            nn.BatchNorm1d(6, eps=EPS_BN),
+            nn.ReLU(),
+            nn.Linear(6, 5),
+            nn.ReLU(),
+            nn.Linear(5, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # [B, 3]
+
+
+SYM_GROUPS = [
+    SymmetryGroup("scale", "net.0", 6, (Member("net.0.weight", 0), Member("net.0.bias", 0))),
+    SymmetryGroup(
+        "rescale",
+        "net.3->net.5",
+        5,
+        (Member("net.3.weight", 0), Member("net.3.bias", 0), Member("net.5.weight", 1, sign=-1)),
+    ),
+    SymmetryGroup(
+        "translation",
+        "net.5",
+        6,
+        (Member("net.5.weight", 1), Member("net.5.bias", None, offset=5)),
+    ),
+]
+
+
+def make_optimizer(name: str, named, lr: float = 0.02, wd: float = 1e-2):
+    """A registered optimizer by name, or torch.optim.Adagrad (not registered) from Python."""
+    if name == "adagrad":
+        return torch.optim.Adagrad([p for _, p in named], lr=lr, weight_decay=wd)
+    momentum = 0.9 if name in ("momentum", "nesterov", "rms") else 0.0
+    return build_optimizer(
+        "sgd" if name == "nesterov" else name,
+        named,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=wd,
+        nesterov=name == "nesterov",
+    )
+
+
+def unsigned_magnitude(g: SymmetryGroup, params) -> np.ndarray:
+    """Q for scale, |A1|^2 + |A2|^2 for rescale, sum |theta| for translation [size]."""
+    plain = SymmetryGroup(
+        g.kind, g.name, g.size, tuple(Member(m.param, m.dim, m.block, m.offset) for m in g.members)
+    )
+    wide = {n: params[n].detach().double() for n in g.params}
+    if g.kind == "translation":
+        return group_sum({n: t.abs() for n, t in wide.items()}, plain).numpy()
+    return group_sum({n: t * t for n, t in wide.items()}, plain).numpy()
+
+
+def budget_run(name: str, dtype: torch.dtype, steps: int = 25):
+    """Trains SymNet with a budget; per step: max relative identity error per group, terms."""
+    torch.manual_seed(0)
+    model = SymNet().to(dtype)
+    named = list(model.named_parameters())
+    params = dict(named)
+    opt = make_optimizer(name, named)
+    tracker = BudgetTracker(opt, named, SYM_GROUPS)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 8, generator=gen).to(dtype)
+    y = torch.randint(0, 3, (128,), generator=gen)
+    worst = {g.key: 0.0 for g in SYM_GROUPS}
+    per_step = []
+    for _ in range(steps):
+        before = {g.key: theory.measure(g, params).numpy() for g in SYM_GROUPS}
+        cum = tracker.snapshot()
+        idx = torch.randint(0, 128, (32,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        now = tracker.snapshot()
+        terms = {}
+        for g in SYM_GROUPS:
+            change = theory.measure(g, params).numpy() - before[g.key]
+            parts = {t: now[g.key][t] - cum[g.key][t] for t in TERMS}
+            total = sum(parts.values())
+            err = np.abs(total - change) / unsigned_magnitude(g, params)
+            worst[g.key] = max(worst[g.key], float(err.max()))
+            terms[g.key] = parts
+        per_step.append(terms)
+    return worst, per_step, tracker
+
+
+OPTIMIZERS_UNDER_TEST = ("sgd", "momentum", "nesterov", "adam", "adamw", "rms", "lamb", "adagrad")
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS_UNDER_TEST)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_budget_identity_holds_for_every_optimizer(name, dtype, tol):
+    """decay + leak + kinetic + discretisation == measured change, every step, every group."""
+    worst, per_step, tracker = budget_run(name, dtype)
+    assert set(tracker.state) == {g.key for g in SYM_GROUPS}, tracker.skipped
+    assert max(worst.values()) <= tol, worst
+    # the terms are not trivial: the quantities move
+    moved = [np.abs(sum(s["scale/net.0"].values())).max() for s in per_step]
+    assert max(moved) > 1e-6
+
+
+def test_budget_split_of_plain_sgd_and_adam():
+    """Plain SGD: no kinetic term and no leak (exact symmetries); Adam: kinetic breaking."""
+    _, sgd_steps, _ = budget_run("sgd", torch.float64, steps=10)
+    for s in sgd_steps:
+        for key, parts in s.items():
+            scale = np.abs(parts["decay"]).max() + np.abs(parts["discretisation"]).max() + 1e-300
+            assert np.abs(parts["leak"]).max() <= 1e-12 * max(scale, 1.0), key
+            assert np.abs(parts["kinetic"]).max() <= 1e-12 * max(scale, 1.0), key
+    _, adam_steps, _ = budget_run("adam", torch.float64, steps=10)
+    kinetic = max(np.abs(s["scale/net.0"]["kinetic"]).max() for s in adam_steps)
+    decay = max(np.abs(s["scale/net.0"]["decay"]).max() for s in adam_steps)
+    assert kinetic > 10 * decay
+
+
+def test_closure_step_gets_one_clear_line():
+    """L-BFGS (closure-only) cannot be observed: a UsageError, not a wrong budget."""
+    model = SymNet().double()
+    named = list(model.named_parameters())
+    opt = torch.optim.LBFGS([p for _, p in named], lr=0.1)
+    tracker = BudgetTracker(opt, named, SYM_GROUPS)
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(UsageError, match="closure") as err:
+        opt.step(closure)
+    assert "\n" not in str(err.value)
+    assert tracker.step == 0
+
+
+def test_budget_state_dict_resumes_bitwise():
+    """Stop after 7 steps, restore into a fresh model/optimizer/tracker: same sums bitwise."""
+
+    def steps(model, opt, gen, n):
+        x = torch.randn(n, 32, 8, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (n, 32), generator=gen)
+        for i in range(n):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+
+    def fresh():
+        torch.manual_seed(0)
+        model = SymNet().double()
+        named = list(model.named_parameters())
+        opt = make_optimizer("adamw", named)
+        return model, opt, BudgetTracker(opt, named, SYM_GROUPS)
+
+    model, opt, tracker = fresh()
+    steps(model, opt, torch.Generator().manual_seed(5), 7)
+    saved = (model.state_dict(), opt.state_dict(), tracker.state_dict())
+    blob = io.BytesIO()
+    torch.save(saved, blob)
+    steps(model, opt, torch.Generator().manual_seed(6), 5)
+    reference = tracker.snapshot()
+
+    model2, opt2, tracker2 = fresh()
+    blob.seek(0)
+    m_sd, o_sd, b_sd = torch.load(blob, weights_only=True)
+    model2.load_state_dict(m_sd)
+    opt2.load_state_dict(o_sd)
+    tracker2.load_state_dict(b_sd)
+    assert tracker2.step == 7
+    steps(model2, opt2, torch.Generator().manual_seed(6), 5)
+    got = tracker2.snapshot()
+    assert got.keys() == reference.keys()
+    for key in got:
+        for f in got[key]:
+            assert np.array_equal(got[key][f], reference[key][f]), (key, f)
+    with pytest.raises(CorruptFileError):
+        tracker2.load_state_dict({"version": 99})
