@@ -47,6 +47,7 @@ the step, and optimizers such as L-BFGS move theta several times): the tracker r
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -54,7 +55,8 @@ import numpy as np
 import torch
 
 from Utils.errors import CorruptFileError, UsageError
-from Utils.groups import SymmetryGroup, group_sum, groups_from_json, groups_to_json
+from Utils.groups import KINDS as KINDS_ALL
+from Utils.groups import Member, SymmetryGroup, group_sum, groups_from_json, groups_to_json
 
 BUDGET_VERSION = 1
 TERMS = ("decay", "leak", "kinetic", "discretisation")
@@ -156,6 +158,8 @@ class BudgetTracker:
         self.step = 0
         self.state = {g.key: self._initial(g) for g in self.groups}
         self._saved: dict | None = None
+        self._theta: dict[str, torch.Tensor] = {}
+        self._delta: dict[str, torch.Tensor] = {}
         self._pre = optimizer.register_step_pre_hook(self._before)
         self._post = optimizer.register_step_post_hook(self._after)
 
@@ -207,20 +211,26 @@ class BudgetTracker:
                 no_grad[g.key] = f"'{missing[0]}' had no gradient at step {self.step}"
         if no_grad:
             self._drop(no_grad)
-        names = list(dict.fromkeys(n for g in self.groups for n in g.params))
-        theta = {n: self._by_name[n].detach().to(torch.float64, copy=True) for n in names}
-        grad = {n: self._by_name[n].grad.detach().to(torch.float64) for n in names}
-        theta_sq = _squares(theta)
-        theta_grad = {n: theta[n] * grad[n] for n in names}  # [*shape] each
+        names = _names(self.groups, KINDS_ALL)
+        quadratic = _names(self.groups, ("scale", "rescale"))
+        params = {n: self._by_name[n].detach() for n in names}
+        theta = {}
+        for n, p in params.items():  # theta_k, kept in persistent buffers (no allocation)
+            buf = self._theta.get(n)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                buf = self._theta[n] = torch.empty_like(p)
+            theta[n] = buf.copy_(p)
+        grad = {n: self._by_name[n].grad.detach() for n in names}
         sums = {}
         for g in self.groups:
             lr, wd = self._hyper(self._pg_of[g.members[0].param])
             if g.kind == "translation":
-                sums[g.key] = (lr, wd, group_sum(theta, g), group_sum(grad, g), None)
+                sums[g.key] = (lr, wd, group_total(theta, g), group_total(grad, g), None)
             else:
-                gsq = group_sum(_squares(grad), g) if g.kind == "scale" else None
-                sums[g.key] = (lr, wd, group_sum(theta_sq, g), group_sum(theta_grad, g), gsq)
-        self._saved = {"theta": theta, "sums": sums}
+                gsq = group_dot(grad, grad, g) if g.kind == "scale" else None
+                base = group_dot(theta, theta, g)
+                sums[g.key] = (lr, wd, base, group_dot(theta, grad, g), gsq)
+        self._saved = {"theta": theta, "sums": sums, "quadratic": quadratic}
 
     def _after(self, optimizer, args, kwargs) -> None:
         """Adds this step's terms to the cumulative sums."""
@@ -229,20 +239,21 @@ class BudgetTracker:
             return
         theta = saved["theta"]
         with torch.no_grad():
-            delta = {  # Delta_k = theta_{k+1} - theta_k, float64 [*shape]
-                n: torch.sub(self._by_name[n].detach().to(torch.float64), t)
-                for n, t in theta.items()
-            }
-            theta_delta = {n: theta[n] * d for n, d in delta.items()}
-            delta_sq = _squares(delta)
+            delta = {}  # Delta_k = theta_{k+1} - theta_k [*shape], in persistent buffers
+            for n, t in theta.items():
+                p = self._by_name[n].detach()
+                buf = self._delta.get(n)
+                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                    buf = self._delta[n] = torch.empty_like(p)
+                delta[n] = torch.sub(p, t, out=buf)
             for g in self.groups:
                 lr, wd, base, tg, gsq = saved["sums"][g.key]
                 st = self.state[g.key]
                 if g.kind == "translation":
-                    terms = step_terms(g.kind, lr, wd, base, tg, group_sum(delta, g), None)
+                    terms = step_terms(g.kind, lr, wd, base, tg, group_total(delta, g), None)
                 else:
-                    td = group_sum(theta_delta, g)
-                    dd = group_sum(delta_sq, g)
+                    td = group_dot(theta, delta, g)
+                    dd = group_dot(delta, delta, g)
                     terms = step_terms(g.kind, lr, wd, base, tg, td, dd)
                     if g.kind == "scale":
                         a = angle(base, td, dd)
@@ -312,6 +323,56 @@ class BudgetTracker:
 
 def _squares(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t * t for n, t in values.items()}
+
+
+def _member_view(x: torch.Tensor, member: Member) -> torch.Tensor:
+    """x as [before, kept, after] around the member's group axis (dim None: [1, 1, all])."""
+    if member.dim is None:
+        return x.reshape(1, 1, -1)
+    dim = member.dim % x.ndim
+    shape = x.shape
+    return x.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+
+
+def _assemble(parts: Sequence[tuple[Member, torch.Tensor]], group: SymmetryGroup) -> torch.Tensor:
+    """Per-slice float64 sums of the members into the group's signed entries [size]."""
+    out = torch.zeros(group.size, dtype=torch.float64, device=parts[0][1].device)
+    for m, per_slice in parts:
+        part = per_slice.to(torch.float64)  # [slices]
+        if m.block > 1:
+            part = part.reshape(-1, m.block).sum(dim=1)  # [n]
+        out[m.offset : m.offset + part.numel()] += -part if m.sign < 0 else part
+    return out
+
+
+def group_dot(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], group: SymmetryGroup
+) -> torch.Tensor:
+    """Signed per-group <a, b>: `Utils.groups.group_sum` of a * b without forming a * b.
+
+    Each member is one ``einsum`` over its [before, kept, after] view (no temporary of the
+    parameter's size), accumulated in the tensors' dtype and assembled in float64.
+
+    Returns:
+        float64 [group.size].
+    """
+    parts = []
+    for m in group.members:
+        x, y = _member_view(a[m.param], m), _member_view(b[m.param], m)
+        parts.append((m, torch.einsum("bka,bka->k", x, y)))  # [slices]
+    return _assemble(parts, group)
+
+
+def group_total(a: Mapping[str, torch.Tensor], group: SymmetryGroup) -> torch.Tensor:
+    """Signed per-group sum of a (`Utils.groups.group_sum`), float64 [group.size]."""
+    return _assemble(
+        [(m, _member_view(a[m.param], m).sum(dim=(0, 2))) for m in group.members], group
+    )
+
+
+def _names(groups: Sequence[SymmetryGroup], kinds: Sequence[str]) -> list[str]:
+    """The parameters of the groups of these kinds, without repeats."""
+    return list(dict.fromkeys(n for g in groups if g.kind in kinds for n in g.params))
 
 
 def budget_arrays(budget: Mapping) -> dict[str, dict[str, np.ndarray]]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from Utils import theory
-from Utils.budget import TERMS, BudgetTracker
+from Utils.budget import TERMS, BudgetTracker, group_dot, group_total
 from Utils.errors import CorruptFileError, UsageError
 from Utils.groups import Member, SymmetryGroup, group_sum
 from Utils.optimizers import build_optimizer
@@ -274,3 +274,23 @@ def test_budget_state_dict_resumes_bitwise():
             assert np.array_equal(got[key][f], reference[key][f]), (key, f)
     with pytest.raises(CorruptFileError):
         tracker2.load_state_dict({"version": 99})
+
+
+def test_group_dot_equals_group_sum():
+    """`group_dot` / `group_total` against `Utils.groups.group_sum` of the elementwise terms."""
+    gen = torch.Generator().manual_seed(0)
+    a = {
+        "w": torch.randn(4, 6, 3, 3, generator=gen, dtype=torch.float64),
+        "v": torch.randn(5, 12, generator=gen, dtype=torch.float64),
+        "b": torch.randn(4, generator=gen, dtype=torch.float64),
+    }
+    b = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in a.items()}
+    groups = [
+        SymmetryGroup("scale", "w", 4, (Member("w", 0), Member("b", 0))),
+        SymmetryGroup("rescale", "w->v", 4, (Member("w", 0), Member("v", 1, block=3, sign=-1))),
+        SymmetryGroup("translation", "v", 13, (Member("v", 1), Member("b", None, offset=12))),
+    ]
+    for g in groups:
+        prod = {n: a[n] * b[n] for n in a}
+        np.testing.assert_allclose(group_dot(a, b, g), group_sum(prod, g), rtol=1e-13)
+        np.testing.assert_allclose(group_total(a, g), group_sum(a, g), rtol=1e-13)
