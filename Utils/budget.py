@@ -55,57 +55,18 @@ import numpy as np
 import torch
 
 from Utils.errors import CorruptFileError, UsageError
-from Utils.groups import KINDS as KINDS_ALL
 from Utils.groups import Member, SymmetryGroup, group_sum, groups_from_json, groups_to_json
 
 BUDGET_VERSION = 1
 TERMS = ("decay", "leak", "kinetic", "discretisation")
 SCALE_FIELDS = ("angle_sum", "grad_sq_sum", "angle")
+QUADRATIC = ("scale", "rescale")
 FIELD_PREFIX = "budget_"  # prefix of the fields in features.h5 (theory/<key>/budget_<field>)
 
 
 def fields_of(kind: str) -> tuple[str, ...]:
     """The state fields of a group of this kind."""
     return ("initial", *TERMS, *(SCALE_FIELDS if kind == "scale" else ()))
-
-
-def step_terms(
-    kind: str,
-    lr: float,
-    weight_decay: float,
-    base: torch.Tensor,
-    theta_grad: torch.Tensor,
-    theta_delta: torch.Tensor,
-    delta_sq: torch.Tensor | None,
-) -> dict[str, torch.Tensor]:
-    """The four budget terms of one step from its float64 group sums.
-
-    Args:
-        kind: "translation", "scale" or "rescale".
-        lr: eta_k.
-        weight_decay: lam.
-        base: Q_k (scale, rescale) or S_k (translation) [n].
-        theta_grad: <theta_k, g_k> (translation: <1, g_k>) [n].
-        theta_delta: <theta_k, Delta_k> (translation: <1, Delta_k>) [n].
-        delta_sq: |Delta_k|^2 [n] (None for translation).
-
-    Returns:
-        term name -> [n]; they sum to the change of the quantity (the identity).
-    """
-    if kind == "translation":
-        decay = base * (-lr * weight_decay)
-        leak = theta_grad * -lr
-        kinetic = theta_delta - decay - leak
-        return {
-            "decay": decay,
-            "leak": leak,
-            "kinetic": kinetic,
-            "discretisation": torch.zeros_like(base),
-        }
-    decay = base * (-2.0 * lr * weight_decay)
-    leak = theta_grad * (-2.0 * lr)
-    kinetic = 2.0 * theta_delta - decay - leak
-    return {"decay": decay, "leak": leak, "kinetic": kinetic, "discretisation": delta_sq}
 
 
 def angle(q: torch.Tensor, theta_delta: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
@@ -119,6 +80,79 @@ def angle(q: torch.Tensor, theta_delta: torch.Tensor, delta_sq: torch.Tensor) ->
     """
     cross = (q * delta_sq - theta_delta * theta_delta).clamp_min(0.0).sqrt()  # [n]
     return torch.atan2(cross, q + theta_delta)
+
+
+class _Plan:
+    """Signed per-group sums of all groups of one kind class at once ([total] float64).
+
+    Each member is reduced to its per-slice sums on its [before, kept, after] view (a row-wise
+    ``vecdot`` when the group axis leads, no temporary; a column sum when it is last), all
+    slices are concatenated, cast to float64, signed and scattered into the groups' entries with
+    one ``index_add`` (few torch calls per step: on small layers the cost is per call).
+
+    Args:
+        groups: the groups, in entry order.
+        shapes: parameter name -> shape.
+        device: where the index lives.
+    """
+
+    def __init__(self, groups: Sequence[SymmetryGroup], shapes, device) -> None:
+        self.groups = list(groups)
+        self.sizes = [g.size for g in self.groups]
+        self.total = sum(self.sizes)
+        self.members: list[Member] = []
+        self.is_scale: list[bool] = []
+        self.zeros: list[torch.Tensor] = []
+        index: list[int] = []
+        sign: list[float] = []
+        start = 0
+        for g in self.groups:
+            for m in g.members:
+                shape = shapes[m.param]
+                slices = 1 if m.dim is None else shape[m.dim % len(shape)]
+                self.members.append(m)
+                self.is_scale.append(g.kind == "scale")
+                self.zeros.append(torch.zeros(slices, device=device))
+                index += [start + m.offset + j // m.block for j in range(slices)]
+                sign += [float(m.sign)] * slices
+            start += g.size
+        self.index = torch.tensor(index, dtype=torch.long, device=device)
+        self.sign = torch.tensor(sign, dtype=torch.float64, device=device)
+        self.names = list(dict.fromkeys(m.param for m in self.members))
+
+    def _scatter(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat(parts).to(torch.float64).mul_(self.sign)  # [slices] (cat copies)
+        out = torch.zeros(self.total, dtype=torch.float64, device=flat.device)
+        return out.index_add_(0, self.index, flat)  # [total]
+
+    def views(self, a: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The [before, kept, after] view of every member of tensors shaped like the params."""
+        return [_member_view(a[m.param], m) for m in self.members]
+
+    def dot(
+        self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], scale_only: bool = False
+    ) -> torch.Tensor:
+        """Signed group sums of a * b from member views (`views`): float64 [total].
+
+        Args:
+            a, b: member views.
+            scale_only: compute only the members of scale groups (zeros elsewhere).
+        """
+        parts = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            if scale_only and not self.is_scale[i]:
+                parts.append(self.zeros[i])
+            else:
+                parts.append(_slice_dot(x, y))
+        return self._scatter(parts)
+
+    def sum(self, a: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Signed group sums of a from member views (`views`): float64 [total]."""
+        return self._scatter([_slice_sum(x) for x in a])
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-group views of a [total] vector."""
+        return list(torch.split(flat, self.sizes))
 
 
 class BudgetTracker:
@@ -156,10 +190,11 @@ class BudgetTracker:
             else:
                 self.groups.append(g)
         self.step = 0
-        self.state = {g.key: self._initial(g) for g in self.groups}
         self._saved: dict | None = None
         self._theta: dict[str, torch.Tensor] = {}
         self._delta: dict[str, torch.Tensor] = {}
+        self._view_cache: dict[tuple, tuple] = {}
+        self._build({g.key: self._initial(g) for g in self.groups})
         self._pre = optimizer.register_step_pre_hook(self._before)
         self._post = optimizer.register_step_post_hook(self._after)
 
@@ -188,6 +223,38 @@ class BudgetTracker:
         state["initial"] = first
         return state
 
+    def _build(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Packs the per-group state into one flat vector per field and kind class."""
+        shapes = {n: tuple(p.shape) for n, p in self._by_name.items()}
+        self._plans: dict[str, _Plan] = {}
+        self._view_cache = {}
+        self._flat: dict[str, dict[str, torch.Tensor]] = {}
+        for cls, kinds in (("translation", ("translation",)), ("quadratic", QUADRATIC)):
+            gs = [g for g in self.groups if g.kind in kinds]
+            if not gs:
+                continue
+            device = self._by_name[gs[0].params[0]].device
+            self._plans[cls] = _Plan(gs, shapes, device)
+            names = ("initial", *TERMS, *(SCALE_FIELDS if cls == "quadratic" else ()))
+            flat = {}
+            for f in names:
+                parts = [
+                    state[g.key][f] if f in state[g.key] else torch.zeros(g.size).to(device)
+                    for g in gs
+                ]
+                flat[f] = torch.cat([t.to(device=device, dtype=torch.float64) for t in parts])
+            self._flat[cls] = flat
+
+    @property
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """key -> field -> float64 [size] views of the live state."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for cls, plan in self._plans.items():
+            views = {f: plan.split(t) for f, t in self._flat[cls].items()}
+            for i, g in enumerate(plan.groups):
+                out[g.key] = {f: views[f][i] for f in fields_of(g.kind)}
+        return out
+
     def remove(self) -> None:
         """Detaches the hooks (the state stays readable)."""
         self._pre.remove()
@@ -195,8 +262,32 @@ class BudgetTracker:
 
     # ------------------------------------------------------------------ hooks
 
+    def _views(self, cls: str, which: str, tensors: Mapping[str, torch.Tensor]) -> list:
+        """Member views of a persistent buffer set (theta or delta), cached while it lives."""
+        plan = self._plans[cls]
+        key = (cls, which)
+        ids = tuple(id(tensors[m.param]) for m in plan.members)
+        cached = self._view_cache.get(key)
+        if cached is None or cached[0] != ids:
+            cached = self._view_cache[key] = (ids, plan.views(tensors))
+        return cached[1]
+
+    def _rates(self, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """eta and eta * lam of every entry of a plan, float64 [total]."""
+        hypers = [self._hyper(self._pg_of[g.members[0].param]) for g in plan.groups]
+        if len(set(hypers)) == 1:
+            lr, wd = hypers[0]
+            return torch.tensor(lr, dtype=torch.float64), torch.tensor(lr * wd, dtype=torch.float64)
+        lrs = [lr for (lr, _), n in zip(hypers, plan.sizes) for _ in range(n)]
+        lwds = [lr * wd for (lr, wd), n in zip(hypers, plan.sizes) for _ in range(n)]
+        device = plan.index.device
+        return (
+            torch.tensor(lrs, dtype=torch.float64, device=device),
+            torch.tensor(lwds, dtype=torch.float64, device=device),
+        )
+
     def _before(self, optimizer, args, kwargs) -> None:
-        """Keeps theta_k (float64) and the group sums that need g_k or theta_k only."""
+        """Keeps theta_k and the group sums that need g_k or theta_k only."""
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: self
         if closure is not None:
             raise UsageError(
@@ -211,26 +302,26 @@ class BudgetTracker:
                 no_grad[g.key] = f"'{missing[0]}' had no gradient at step {self.step}"
         if no_grad:
             self._drop(no_grad)
-        names = _names(self.groups, KINDS_ALL)
-        quadratic = _names(self.groups, ("scale", "rescale"))
-        params = {n: self._by_name[n].detach() for n in names}
+        names = list(dict.fromkeys(n for plan in self._plans.values() for n in plan.names))
         theta = {}
-        for n, p in params.items():  # theta_k, kept in persistent buffers (no allocation)
+        for n in names:  # theta_k, kept in persistent buffers (no allocation)
+            p = self._by_name[n].detach()
             buf = self._theta.get(n)
             if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
                 buf = self._theta[n] = torch.empty_like(p)
             theta[n] = buf.copy_(p)
         grad = {n: self._by_name[n].grad.detach() for n in names}
-        sums = {}
-        for g in self.groups:
-            lr, wd = self._hyper(self._pg_of[g.members[0].param])
-            if g.kind == "translation":
-                sums[g.key] = (lr, wd, group_total(theta, g), group_total(grad, g), None)
+        sums, views = {}, {}
+        for cls, plan in self._plans.items():
+            lr, lwd = self._rates(plan)
+            vt, vg = self._views(cls, "theta", theta), plan.views(grad)
+            views[cls] = vt
+            if cls == "translation":
+                sums[cls] = (lr, lwd, plan.sum(vt), plan.sum(vg), None)
             else:
-                gsq = group_dot(grad, grad, g) if g.kind == "scale" else None
-                base = group_dot(theta, theta, g)
-                sums[g.key] = (lr, wd, base, group_dot(theta, grad, g), gsq)
-        self._saved = {"theta": theta, "sums": sums, "quadratic": quadratic}
+                base, tg = plan.dot(vt, vt), plan.dot(vt, vg)
+                sums[cls] = (lr, lwd, base, tg, plan.dot(vg, vg, scale_only=True))
+        self._saved = {"theta": theta, "sums": sums, "views": views}
 
     def _after(self, optimizer, args, kwargs) -> None:
         """Adds this step's terms to the cumulative sums."""
@@ -246,30 +337,31 @@ class BudgetTracker:
                 if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
                     buf = self._delta[n] = torch.empty_like(p)
                 delta[n] = torch.sub(p, t, out=buf)
-            for g in self.groups:
-                lr, wd, base, tg, gsq = saved["sums"][g.key]
-                st = self.state[g.key]
-                if g.kind == "translation":
-                    terms = step_terms(g.kind, lr, wd, base, tg, group_total(delta, g), None)
+            for cls, plan in self._plans.items():
+                lr, lwd, base, tg, gsq = saved["sums"][cls]
+                flat = self._flat[cls]
+                vd = self._views(cls, "delta", delta)
+                if cls == "translation":
+                    terms = step_terms(1.0, lr, lwd, base, tg, plan.sum(vd), None)
                 else:
-                    td = group_dot(theta, delta, g)
-                    dd = group_dot(delta, delta, g)
-                    terms = step_terms(g.kind, lr, wd, base, tg, td, dd)
-                    if g.kind == "scale":
-                        a = angle(base, td, dd)
-                        st["angle"] = a
-                        st["angle_sum"] = st["angle_sum"] + a
-                        st["grad_sq_sum"] = st["grad_sq_sum"] + gsq
+                    vt = saved["views"][cls]
+                    td, dd = plan.dot(vt, vd), plan.dot(vd, vd)
+                    terms = step_terms(2.0, lr, lwd, base, tg, td, dd)
+                    a = angle(base, td, dd)
+                    flat["angle"].copy_(a)
+                    flat["angle_sum"].add_(a)
+                    flat["grad_sq_sum"].add_(gsq)
                 for name, value in terms.items():
-                    st[name] = st[name] + value
+                    flat[name].add_(value)
         self.step += 1
 
     def _drop(self, reasons: Mapping[str, str]) -> None:
+        state = self.state
         for key, reason in reasons.items():
             warnings.warn(f"symmetry group {key}: no more budget ({reason})", stacklevel=4)
             self.skipped[key] = reason
-            self.state.pop(key, None)
         self.groups = [g for g in self.groups if g.key not in reasons]
+        self._build(state)
 
     # ------------------------------------------------------------- state dict
 
@@ -293,24 +385,17 @@ class BudgetTracker:
                 "checkpoint budget is not version 1; resume with the code that wrote it"
             )
         groups = groups_from_json(saved["groups"])
-        state = {}
-        for g in groups:
-            fields = saved["state"].get(g.key, {})
-            missing = [n for n in g.params if n not in self._by_name]
-            if missing or set(fields) != set(fields_of(g.kind)):
-                raise CorruptFileError(
-                    f"checkpoint budget of {g.key} does not fit this model; resume with the "
-                    "model and optimizer that wrote it"
-                )
-            device = self._by_name[g.params[0]].device
-            state[g.key] = {f: t.to(device=device, dtype=torch.float64) for f, t in fields.items()}
         held = {id(p): i for i, pg in enumerate(self.optimizer.param_groups) for p in pg["params"]}
         for g in groups:
+            fields = saved["state"].get(g.key, {})
             reason = self._reason(g, held)
-            if reason:
-                raise CorruptFileError(f"checkpoint budget of {g.key}: {reason}")
+            if reason or set(fields) != set(fields_of(g.kind)):
+                raise CorruptFileError(
+                    f"checkpoint budget of {g.key} does not fit this model ({reason or 'fields'})"
+                    "; resume with the model and optimizer that wrote it"
+                )
         self.groups = groups
-        self.state = state
+        self._build(saved["state"])
         self.step = int(saved["step"])
 
     def snapshot(self) -> dict[str, dict[str, np.ndarray]]:
@@ -321,8 +406,56 @@ class BudgetTracker:
         }
 
 
+def step_terms(
+    factor: float,
+    lr: torch.Tensor,
+    lr_wd: torch.Tensor,
+    base: torch.Tensor,
+    theta_grad: torch.Tensor,
+    theta_delta: torch.Tensor,
+    delta_sq: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """The four budget terms of one step from its float64 group sums.
+
+    Args:
+        factor: 2 for scale/rescale, 1 for translation.
+        lr: eta_k (0-d or per entry [n]).
+        lr_wd: eta_k lam (same shape as lr).
+        base: Q_k (scale, rescale) or S_k (translation) [n].
+        theta_grad: <theta_k, g_k> (translation: <1, g_k>) [n].
+        theta_delta: <theta_k, Delta_k> (translation: <1, Delta_k>) [n].
+        delta_sq: |Delta_k|^2 [n] (None for translation: no discretisation term).
+
+    Returns:
+        term name -> [n]; they sum to the change of the quantity (the identity).
+    """
+    decay = base * lr_wd * -factor
+    leak = theta_grad * lr * -factor
+    kinetic = theta_delta * factor - decay - leak
+    disc = torch.zeros_like(base) if delta_sq is None else delta_sq
+    return {"decay": decay, "leak": leak, "kinetic": kinetic, "discretisation": disc}
+
+
 def _squares(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t * t for n, t in values.items()}
+
+
+def _slice_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-slice <x, y> of [before, kept, after] views: [kept], the fastest CPU/GPU path."""
+    if x.shape[0] == 1:
+        return torch.linalg.vecdot(x[0], y[0])  # rows: no temporary
+    if x.shape[2] == 1:
+        return (x[..., 0] * y[..., 0]).sum(dim=0)  # columns
+    return (x * y).sum(dim=(0, 2))
+
+
+def _slice_sum(x: torch.Tensor) -> torch.Tensor:
+    """Per-slice sum of a [before, kept, after] view: [kept]."""
+    if x.shape[0] == 1:
+        return x[0].sum(dim=1)
+    if x.shape[2] == 1:
+        return x[..., 0].sum(dim=0)
+    return x.sum(dim=(0, 2))
 
 
 def _member_view(x: torch.Tensor, member: Member) -> torch.Tensor:
@@ -334,45 +467,22 @@ def _member_view(x: torch.Tensor, member: Member) -> torch.Tensor:
     return x.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
 
 
-def _assemble(parts: Sequence[tuple[Member, torch.Tensor]], group: SymmetryGroup) -> torch.Tensor:
-    """Per-slice float64 sums of the members into the group's signed entries [size]."""
-    out = torch.zeros(group.size, dtype=torch.float64, device=parts[0][1].device)
-    for m, per_slice in parts:
-        part = per_slice.to(torch.float64)  # [slices]
-        if m.block > 1:
-            part = part.reshape(-1, m.block).sum(dim=1)  # [n]
-        out[m.offset : m.offset + part.numel()] += -part if m.sign < 0 else part
-    return out
-
-
 def group_dot(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], group: SymmetryGroup
 ) -> torch.Tensor:
-    """Signed per-group <a, b>: `Utils.groups.group_sum` of a * b without forming a * b.
-
-    Each member is one ``einsum`` over its [before, kept, after] view (no temporary of the
-    parameter's size), accumulated in the tensors' dtype and assembled in float64.
+    """Signed per-group <a, b> (`Utils.groups.group_sum` of a * b without forming it).
 
     Returns:
         float64 [group.size].
     """
-    parts = []
-    for m in group.members:
-        x, y = _member_view(a[m.param], m), _member_view(b[m.param], m)
-        parts.append((m, torch.einsum("bka,bka->k", x, y)))  # [slices]
-    return _assemble(parts, group)
+    plan = _Plan([group], {n: tuple(t.shape) for n, t in a.items()}, a[group.params[0]].device)
+    return plan.dot(plan.views(a), plan.views(b))
 
 
 def group_total(a: Mapping[str, torch.Tensor], group: SymmetryGroup) -> torch.Tensor:
     """Signed per-group sum of a (`Utils.groups.group_sum`), float64 [group.size]."""
-    return _assemble(
-        [(m, _member_view(a[m.param], m).sum(dim=(0, 2))) for m in group.members], group
-    )
-
-
-def _names(groups: Sequence[SymmetryGroup], kinds: Sequence[str]) -> list[str]:
-    """The parameters of the groups of these kinds, without repeats."""
-    return list(dict.fromkeys(n for g in groups if g.kind in kinds for n in g.params))
+    plan = _Plan([group], {n: tuple(t.shape) for n, t in a.items()}, a[group.params[0]].device)
+    return plan.sum(plan.views(a))
 
 
 def budget_arrays(budget: Mapping) -> dict[str, dict[str, np.ndarray]]:
