@@ -56,12 +56,17 @@ import torch
 
 from Utils.errors import CorruptFileError, UsageError
 from Utils.groups import Member, SymmetryGroup, group_sum, groups_from_json, groups_to_json
+from Utils.kinds import FAMILIES, spec
 
 BUDGET_VERSION = 1
 TERMS = ("decay", "leak", "kinetic", "discretisation")
 SCALE_FIELDS = ("angle_sum", "grad_sq_sum", "angle")
-QUADRATIC = ("scale", "rescale")
 FIELD_PREFIX = "budget_"  # prefix of the fields in features.h5 (theory/<key>/budget_<field>)
+
+
+def family(kind: str) -> str:
+    """The theory family of a kind: "translation" (S, linear) or "quadratic" (Q, R)."""
+    return spec(kind).family
 
 
 def fields_of(kind: str) -> tuple[str, ...]:
@@ -218,7 +223,8 @@ class BudgetTracker:
 
     def _initial(self, g: SymmetryGroup) -> dict[str, torch.Tensor]:
         wide = {n: self._by_name[n].detach().to(torch.float64) for n in g.params}
-        first = group_sum(wide if g.kind == "translation" else _squares(wide), g)  # [n]
+        linear = family(g.kind) == "translation"
+        first = group_sum(wide if linear else _squares(wide), g)  # [n]
         state = {f: torch.zeros_like(first) for f in fields_of(g.kind)}
         state["initial"] = first
         return state
@@ -229,8 +235,8 @@ class BudgetTracker:
         self._plans: dict[str, _Plan] = {}
         self._view_cache = {}
         self._flat: dict[str, dict[str, torch.Tensor]] = {}
-        for cls, kinds in (("translation", ("translation",)), ("quadratic", QUADRATIC)):
-            gs = [g for g in self.groups if g.kind in kinds]
+        for cls in FAMILIES:
+            gs = [g for g in self.groups if family(g.kind) == cls]
             if not gs:
                 continue
             device = self._by_name[gs[0].params[0]].device

@@ -14,7 +14,7 @@ import numpy as np
 
 from Utils.budget import FIELD_PREFIX, TERMS
 from Utils.metrics.base import Context, FeaturesInfo, group_attrs, invalid_groups, register_metric
-from Utils.theory import measure_np
+from Utils.theory import measure
 
 KINDS = ("translation", "scale", "rescale")
 
@@ -64,7 +64,7 @@ def compute_budget(ctx: Context) -> None:
         ctx.writer.group(base, **group_attrs(g))
         for rows in ctx.row_slices(ctx.row_bytes(g.params, 2), desc=f"budget {g.key}"):
             theta = ctx.read_params(g.params, rows)
-            measured = measure_np(g, theta, lead=1)  # [r, n]
+            measured = measure(g, theta, lead=1)  # [r, n]
             initial = ctx.read_theory(g, FIELD_PREFIX + "initial", rows)  # [r, n]
             terms = {t: ctx.read_theory(g, FIELD_PREFIX + t, rows) for t in TERMS}
             values = {"measured": measured, **terms, **budget_values(measured, initial, terms)}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from Utils.budget import FIELD_PREFIX
-from Utils.groups import group_index
+from Utils.groups import group_sum_np
 from Utils.metrics.base import (
     Context,
     FeaturesInfo,
@@ -32,7 +32,7 @@ from Utils.metrics.base import (
     invalid_groups,
     register_metric,
 )
-from Utils.theory import measure_np
+from Utils.theory import measure
 
 SGD_FAMILY = ("custom_sgd", "sgd", "momentum")
 ADAMW_BETA1 = 0.9  # torch.optim.AdamW's default, used by the registered adamw
@@ -124,14 +124,12 @@ def compute_equilibrium(ctx: Context) -> None:
     for g in groups:
         base = f"groups/{g.kind}/{g.name}"
         ctx.writer.group(base, **group_attrs(g))
-        index = group_index(g, {p: ctx.info.shapes[p] for p in g.params})
-        elements = np.zeros(g.size)
-        for idx in index.values():
-            elements += np.bincount(idx.ravel(), minlength=g.size)[: g.size]
+        ones = {p: np.ones(ctx.info.shapes[p]) for p in g.params}
+        elements = group_sum_np(ones, g)  # C per neuron [n] (scale: all signs +1)
         for rows in ctx.row_slices(ctx.row_bytes(g.params), desc=f"equilibrium {g.key}"):
             ext = slice(max(rows.start - 1, 0), rows.stop)  # one row before, for differences
             r = rows.stop - rows.start
-            q = measure_np(g, ctx.read_params(g.params, rows), lead=1)  # [r, n]
+            q = measure(g, ctx.read_params(g.params, rows), lead=1)  # [r, n]
             means = {}
             for field in ("angle_sum", "grad_sq_sum"):
                 cum = np.asarray(ctx.read_theory(g, FIELD_PREFIX + field, ext), np.float64)

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
-from Utils import fileio
+from Utils import fileio, storage
 from Utils.errors import DataMissingError, UsageError, UserError
 from Utils.metrics.base import METRICS, Context, FeaturesInfo, parse_metric_list
 from Utils.metrics.io import CacheWriter, cache_path, is_up_to_date, remove_stale_temporaries
 
-FEATURES_FILE = "features.h5"
 UP_TO_DATE = "up to date"
 COMPUTED = "computed"
 SKIPPED = "skipped"
-
-
-def _extract_command(run_dir: str) -> str:
-    """The extract.py command line for a run folder ``<save-dir>/<experiment>/<expid>``."""
-    path = fileio.local_path(str(run_dir)).rstrip("/")
-    head, expid = os.path.split(path)
-    save_dir, experiment = os.path.split(head)
-    return (
-        f"python extract.py --experiment {experiment} --expid {expid} "
-        f"--save-dir {save_dir or '.'}"
-    )
 
 
 def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
@@ -54,8 +41,8 @@ def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
             f"{k}={info.hyperparameters[k]!r} (not {stored[k]!r})" for k in differ[:3]
         )
         raise UserError(
-            f"{fileio.join(run_dir, FEATURES_FILE)} was extracted from a different run "
-            f"({shown}); rebuild it with {_extract_command(run_dir)} --overwrite"
+            f"{fileio.join(run_dir, storage.FILENAME)} was extracted from a different run "
+            f"({shown}); rebuild it with {storage.extract_command(run_dir)} --overwrite"
         )
 
 
@@ -97,8 +84,6 @@ def cache_run(
         UserError: no run folder or no features.h5 (names the extract.py command), or an
             explicitly requested metric does not apply to the run (says why).
     """
-    from Utils import storage
-
     requested = _metric_names(metrics)
     if "/" in suffix or "\\" in suffix:
         raise UsageError(f"--suffix must not contain path separators (got {suffix!r})")
@@ -108,9 +93,9 @@ def cache_run(
         raise UserError(
             f"run folder {run_dir} does not exist; check --save-dir, --experiment and --expid"
         )
-    if not fileio.exists(fileio.join(run_dir, FEATURES_FILE)):
+    if not fileio.exists(fileio.join(run_dir, storage.FILENAME)):
         raise DataMissingError(
-            f"{run_dir} has no {FEATURES_FILE}; extract it first: {_extract_command(run_dir)}"
+            f"{run_dir} has no {storage.FILENAME}; extract it first: {storage.extract_command(run_dir)}"
         )
     f = storage.open_features(run_dir)
     try:
@@ -118,7 +103,7 @@ def cache_run(
         _check_same_run(run_dir, info)
         if info.num_rows == 0:
             raise UserError(
-                f"{FEATURES_FILE} of {run_dir} has no rows; rerun: {_extract_command(run_dir)}"
+                f"{storage.FILENAME} of {run_dir} has no rows; rerun: {storage.extract_command(run_dir)}"
             )
         statuses: dict[str, str] = {}
         plan: list[str] = []
