@@ -17,7 +17,7 @@ from torch import nn
 from Utils import theory
 from Utils.budget import TERMS, BudgetTracker, group_dot, group_total
 from Utils.errors import CorruptFileError, UsageError
-from Utils.groups import Member, SymmetryGroup, group_sum
+from Utils.groups import Member, SymmetryGroup, group_sum, groups_from_json
 from Utils.metrics.equilibrium import predicted
 from Utils.optimizers import build_optimizer
 
@@ -354,3 +354,44 @@ def test_late_angular_update_reaches_the_predicted_equilibrium(optimizer, lr, wd
     assert abs(ratio - 1) <= 0.10, ratio
     norm_ratio = run["norm"].mean() / pred["norm"][0].mean()
     assert abs(norm_ratio - 1) <= 0.15, norm_ratio
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_training_detects_groups_and_saves_the_budget_for_any_optimizer(tmp_path, optimizer):
+    """Groups were detected only for custom_sgd: now every optimizer gets them and a budget."""
+    from Utils.checkpoint import list_checkpoints, load_checkpoint
+    from Utils.training import train
+
+    result = train(
+        {
+            "dataset": "synthetic",
+            "model": "fc-bn",
+            "optimizer": optimizer,
+            "epochs": 1,
+            "train_batch_size": 512,
+            "lr": 1e-3,
+            "wd": 1e-2,
+            "save_freq": 2,
+            "no_progress": True,
+            "experiment": "t",
+            "expid": optimizer,
+            "save_dir": str(tmp_path),
+        }
+    )
+    kinds = {g["kind"] for g in result.groups if g["valid"]}
+    assert {"translation", "scale"} <= kinds, result.groups
+    last = load_checkpoint(list_checkpoints(result.run_dir)[-1])
+    budget = last["budget"]
+    assert budget["step"] == last["step"] > 0
+    params = last["model"]
+    for g in groups_from_json(budget["groups"]):
+        measured = theory.measure(g, {n: params[n] for n in g.params}).numpy()
+        fields = budget["state"][g.key]
+        change = measured - fields["initial"].numpy()
+        total = sum(fields[t].numpy() for t in TERMS)
+        scale = np.abs(fields["initial"].numpy()).max() + np.abs(measured).max()
+        assert np.abs(change - total).max() <= 1e-5 * scale, g.key
