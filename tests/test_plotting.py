@@ -490,7 +490,8 @@ def test_real_run_every_figure_is_drawn(real_run):
 
     run = real_run / "t" / "a"
     metrics = sorted(p.stem for p in (run / "cache").glob("*.h5"))
-    assert {"translation", "scale", "rescale", "performance", "phase", "network"} <= set(metrics)
+    assert {"translation", "scale", "rescale", "performance", "phase", "network", "budget",
+            "equilibrium"} <= set(metrics)  # fmt: skip
     assert plot.main(["--experiment", "t", "--expid", "a", "--save-dir", str(real_run)]) == 0
     figures = sorted(p.stem for p in (run / "figures").glob("*.png"))
     assert figures == metrics
