@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from Utils import fileio, storage
+from Utils import fileio, interrupt, storage
 from Utils.errors import DataMissingError, UsageError, UserError
 from Utils.metrics.base import METRICS, Context, FeaturesInfo, parse_metric_list
 from Utils.metrics.io import CacheWriter, cache_path, out_of_date, remove_stale_temporaries
@@ -51,6 +51,11 @@ def _metric_names(metrics: str | Sequence[str] | None) -> list[str] | None:
         return None
     text = metrics if isinstance(metrics, str) else ",".join(metrics)
     names = parse_metric_list(text)
+    if not names and text.strip():
+        raise UsageError(
+            f"--metrics {text!r} names no metric; give a comma list such as scale,performance, "
+            "or leave --metrics out to compute every metric that applies"
+        )
     return names or None
 
 
@@ -122,6 +127,7 @@ def cache_run(
 
             bar = tqdm(plan, desc="metrics", unit="metric", file=sys.stderr, dynamic_ncols=True)
         for name in bar:
+            interrupt.check()
             if progress:
                 bar.set_postfix_str(name)
             statuses[name] = _cache_one(
