@@ -23,7 +23,9 @@ What is stored per checkpoint: every floating entry of ``ckpt["model"]`` (intege
 as BatchNorm's ``num_batches_tracked`` are not stored), every floating tensor of
 ``ckpt["optimizer"]["state"][i]`` as ``buffers/<entry>/<param_names[i]>`` (rows where a
 checkpoint lacks it are NaN, e.g. momentum before the first step), the custom_sgd theory state
-(`theory_arrays`), the metrics (NaN where absent), step, epoch_float, lr and file name.
+(`theory_arrays`), the symmetry-breaking budget of ``ckpt["budget"]`` as
+``theory/<kind>/<layer>/budget_<field>`` (`Utils.budget.budget_arrays`), the metrics (NaN
+where absent), step, epoch_float, lr and file name.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import numpy as np
 import torch
 
 from Utils import ckptread, fileio, interrupt, storage
+from Utils.budget import FIELD_PREFIX, budget_arrays
 from Utils.checkpoint import FORMAT as CKPT_FORMAT
 from Utils.checkpoint import METRIC_NAMES, checkpoint_dir, list_checkpoints, load_checkpoint
 from Utils.errors import CorruptFileError, UserError
@@ -172,6 +175,11 @@ def checkpoint_row(ckpt: Mapping[str, Any], source: str) -> Row:
         for group_key, fields in theory_arrays(theory).items():
             for name, array in fields.items():
                 values[storage.theory_path(group_key, name)] = array
+    budget = ckpt.get("budget")
+    if isinstance(budget, Mapping):
+        for group_key, fields in budget_arrays(budget).items():
+            for name, array in fields.items():
+                values[storage.theory_path(group_key, FIELD_PREFIX + name)] = array
     metrics = ckpt.get("metrics") or {}
     for name in dict.fromkeys([*METRIC_NAMES, *metrics]):
         value = _float(metrics.get(name, math.nan))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from Utils import fileio, interrupt, storage
 from Utils.errors import DataMissingError, UsageError, UserError
 from Utils.metrics.base import METRICS, Context, FeaturesInfo, parse_metric_list
-from Utils.metrics.io import CacheWriter, cache_path, is_up_to_date, remove_stale_temporaries
+from Utils.metrics.io import CacheWriter, cache_path, out_of_date, remove_stale_temporaries
 
 UP_TO_DATE = "up to date"
 COMPUTED = "computed"
@@ -81,7 +81,8 @@ def cache_run(
         progress: tqdm progress bars on stderr.
 
     Returns:
-        metric name -> "computed", "up to date" or "skipped: <reason>", in registry order.
+        metric name -> "computed" (with the damage found when it replaced a damaged file),
+        "up to date" or "skipped: <reason>", in registry order.
 
     Raises:
         UnknownNameError: an unknown metric name (lists the valid ones).
@@ -154,7 +155,8 @@ def _cache_one(
     options = {k: given[k] for k in metric.options}
     path = cache_path(run_dir, name, suffix)
     remove_stale_temporaries(path)
-    if not overwrite and is_up_to_date(path, name, info.num_rows, info.last_step, options):
+    reason = out_of_date(path, name, info.num_rows, info.last_step, options)
+    if not overwrite and not reason:
         return UP_TO_DATE
     try:
         with CacheWriter(path, name) as writer:
@@ -171,4 +173,6 @@ def _cache_one(
         if failed is None or failed is exc:
             raise
         raise failed from None  # disk full...: the temporary file is gone, earlier caches stay
+    if reason.startswith("damaged"):
+        return f"{COMPUTED} (the old file was {reason})"
     return COMPUTED
