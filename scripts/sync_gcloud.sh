@@ -12,9 +12,8 @@ DEST/EXPERIMENT[/EXPID], the layout extract.py, cache.py and plot.py read with
 
 EXPERIMENT and EXPID follow train.py's run-name rule (1-100 letters, digits, '.', '_' or
 '-', starting with a letter or digit). SAVE_DIR is train.py's --save-dir: a gs://BUCKET/PATH
-URL, copied with
-`gcloud storage rsync`, or, with --tpu and --zone, a folder on a TPU VM, copied with
-`gcloud compute tpus tpu-vm scp`.
+URL, copied with `gcloud storage rsync`, or, with --tpu and --zone, a folder on a TPU VM
+(plain path characters only), copied with `gcloud compute tpus tpu-vm scp`.
 
 Options:
   --dest DIR          local save dir (default results)
