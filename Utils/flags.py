@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any, NoReturn
 
-from Utils import config
+from Utils import config, interrupt
 from Utils.errors import UsageError, UserError
 from Utils.rundir import check_name
 
@@ -168,7 +168,10 @@ def main_wrapper(main, argv: list[str] | None = None, interrupted: str = "interr
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return int(main(argv) or 0)
+        with interrupt.guard():
+            code = int(main(argv) or 0)
+            interrupt.check()  # an interrupt that a finalizer swallowed still counts
+            return code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from Models import get_model
 from Utils import fileio, xla
+from Utils.budget import BudgetTracker
 from Utils.checkpoint import (
     FORMAT,
     METRIC_NAMES,
@@ -590,9 +591,7 @@ class Trainer:
     def _build_optimizer(self) -> None:
         """Groups, optimizer, lr schedule and the (DDP) training model."""
         cfg, ctx = self.cfg, self.ctx
-        groups: list = []
-        if cfg["optimizer"] == "custom_sgd":
-            groups = ctx.on_master(self._find_groups, share=True)
+        groups = ctx.on_master(self._find_groups, share=True)
         if self.on_xla:
             self.model = self.model.to(self.device)
         if self.sync_bn:
@@ -612,6 +611,10 @@ class Trainer:
             buffers=parse_name_list(cfg["save_buffers"], BUFFERS, "buffer"),
         )
         self.groups = list(getattr(self.optimizer, "groups", groups))
+        # the symmetry-breaking budget of any optimizer (not traced on XLA)
+        self.budget = (
+            None if self.on_xla else BudgetTracker(self.optimizer, self.named, self.groups)
+        )
         milestones = sorted(int(e) * self.steps_per_epoch for e in cfg["lr_drops"])
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=milestones, gamma=cfg["lr_drop_rate"]
@@ -634,6 +637,8 @@ class Trainer:
             ckpt, self.history = ctx.on_master(self._load_resume, share=True)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.budget is not None and "budget" in ckpt:
+                self.budget.load_state_dict(ckpt["budget"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"])
             self.running = dict(ckpt["running"])
@@ -835,6 +840,7 @@ class Trainer:
             "config": self.cfg,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **({"budget": self.budget.state_dict()} if self.budget is not None else {}),
             "param_names": [n for n, _ in self.named],
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
