@@ -156,6 +156,25 @@ class RunDir:
             return []
         return [n for n in fileio.listdir(self.path) if not n.startswith(".")]
 
+    def remove_temporaries(self) -> list[str]:
+        """Deletes temporary files of train.py's JSON files left by a killed writer.
+
+        Only the process holding the run's lock writes them, so every such file is a leftover
+        (``.metrics.json.<random>.tmp``...). URL runs have none (objects appear whole).
+
+        Returns:
+            The removed names.
+        """
+        if fileio.is_url(self.path) or not self.exists():
+            return []
+        prefixes = tuple(f".{name}." for name in (HYPERPARAMETERS, GROUPS, METRICS))
+        removed = []
+        for name in fileio.listdir(self.path):
+            if name.startswith(prefixes) and name.endswith(".tmp"):
+                fileio.remove(self.file(name))
+                removed.append(name)
+        return removed
+
     def clear(self) -> list[str]:
         """Removes what the scripts wrote (`OWNED`) and their temporary files (--overwrite).
 

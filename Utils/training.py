@@ -305,12 +305,16 @@ def _stored_groups(run: RunDir) -> list | None:
 
 
 def _take_run_dir(plan: RunPlan) -> RunLock | None:
-    """Rank 0 locks the run folder and empties it for a new run (--overwrite, leftovers)."""
+    """Rank 0 locks the run folder; empties it for a new run, removes stale temporaries on
+    --resume."""
     if not plan.run_dir:
         return None
     lock = RunLock(plan.run_dir, force=plan.cfg["overwrite"])
-    if not plan.cfg["resume"]:
-        RunDir.from_path(plan.run_dir).clear()
+    run = RunDir.from_path(plan.run_dir)
+    if plan.cfg["resume"]:
+        run.remove_temporaries()  # of a killed process (checkpoints: the writer's own)
+    else:
+        run.clear()
     return lock
 
 

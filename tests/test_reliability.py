@@ -935,3 +935,16 @@ def test_duplicate_lr_drops_and_abbreviated_sweep_flags_are_refused(tmp_path):
         )  # fmt: skip
         assert_refused(sweep, 2, flag, "set by the sweep")
     assert not any(tmp_path.iterdir())
+
+
+def test_resume_removes_temporaries_of_the_json_files(small_reference, tmp_path):
+    """A kill while metrics.json (or another JSON file) is being written leaves its temporary
+    file; the next --resume removes it."""
+    run = Path(tmp_path, "t", "j")
+    shutil.copytree(small_reference, run)
+    stale = [run / ".metrics.json.ooo42yf4.tmp", run / ".hyperparameters.json.x1.tmp"]
+    for path in stale:
+        path.write_text("[{")
+    (run / "notes.tmp").write_text("mine")
+    train({**SMALL, "expid": "j", "save_dir": str(tmp_path), "resume": True})
+    assert hidden(run) == [] and (run / "notes.tmp").exists()
