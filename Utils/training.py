@@ -585,8 +585,8 @@ class Trainer:
         self.eval_every = cfg["eval_freq"] or self.steps_per_epoch
 
     def _find_groups(self) -> list:
-        """The stored groups on --resume, else the detected ones (rank 0)."""
-        stored = _stored_groups(self.run) if (self.cfg["resume"] and self.run) else None
+        """The stored groups when resuming from a checkpoint, else the detected ones (rank 0)."""
+        stored = _stored_groups(self.run) if self.plan.resuming else None
         if stored is not None:
             return stored
         where = next(self.model.parameters()).device
