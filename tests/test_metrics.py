@@ -68,6 +68,36 @@ GROUPS = [
         ),
         3e-7,
     ),
+    # issue 13 structures: whole-layer scale (LayerNorm), per-GroupNorm-group scale, and a
+    # norm-affine rescale (gamma, beta against the next layer's block of each unit)
+    SymmetryGroup(
+        "scale",
+        "l1-layernorm",
+        1,
+        (Member("l1.weight", None), Member("l1.bias", None)),
+        1e-7,
+        meta={"structure": "layernorm"},
+    ),
+    SymmetryGroup(
+        "scale",
+        "l1-groupnorm",
+        2,
+        (Member("l1.weight", 0, block=2), Member("l1.bias", 0, block=2)),
+        1e-7,
+        meta={"structure": "groupnorm"},
+    ),
+    SymmetryGroup(
+        "rescale",
+        "bn->l3",
+        4,
+        (
+            Member("bn.weight", 0),
+            Member("bn.bias", 0),
+            Member("l3.weight", dim=1, block=2, sign=-1),
+        ),
+        2e-7,
+        meta={"structure": "norm-affine"},
+    ),
 ]
 
 
@@ -666,6 +696,27 @@ def test_applies_reasons(fake_runs):
     assert not METRICS.get("phase").applies(one_row)[0]
     no_metrics = FeaturesInfo(**{**vars(info), "metrics": []})
     assert not METRICS.get("performance").applies(no_metrics)[0]
+
+
+def test_one_violation_definition():
+    """Issue 13: verification and the metric share `Utils.kinds.violation` (NaN at zero)."""
+    from Utils import kinds
+    from Utils.metrics.symmetry_violation import violation
+
+    group = GROUPS[1]
+    zeros = {n: np.zeros((1, *SHAPES[n])) for n in group.params}
+    ones = {n: np.ones((1, *SHAPES[n])) for n in group.params}
+    assert np.isnan(violation("scale", zeros, ones, group)).all()
+    assert np.isnan(kinds.violation(np.zeros(3), np.zeros(3), np.ones(3))).all()
+    rng = np.random.default_rng(0)
+    grads = {n: rng.normal(size=(2, *SHAPES[n])) for n in group.params}
+    params = {n: rng.normal(size=(2, *SHAPES[n])) for n in group.params}
+    got = violation("scale", grads, params, group)  # [2, 4]
+    for r in range(2):
+        dot = sum((grads[n][r] * params[n][r]).reshape(4, -1).sum(1) for n in group.params)
+        g_sq = sum((grads[n][r] ** 2).reshape(4, -1).sum(1) for n in group.params)
+        c_sq = sum((params[n][r] ** 2).reshape(4, -1).sum(1) for n in group.params)
+        np.testing.assert_allclose(got[r], np.abs(dot) / np.sqrt(g_sq * c_sq), rtol=1e-12)
 
 
 def test_pure_functions_edge_cases():
