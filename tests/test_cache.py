@@ -269,9 +269,7 @@ def test_killed_then_rerun_equals_clean(bn_run, bn_statuses, tmp_path):
     statuses = cache_run(str(run), progress=False)
     reused = {n for n, s in statuses.items() if s == "up to date"}
     assert reused == {n[: -len(".h5")] for n in done}
-    assert {n for n, s in statuses.items() if s == "computed"} == set(statuses) - reused - {
-        "rescale"
-    }
+    assert {n for n, s in statuses.items() if s == "computed"} == set(statuses) - reused
     assert not [n for n in cache_files(run) if n.endswith(".tmp")]
     assert cache_files(run) == cache_files(bn_run)
     for name in cache_files(bn_run):
