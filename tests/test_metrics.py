@@ -124,6 +124,14 @@ def make_data(momentum: float, seed: int = 0) -> dict:
                 "paper": rng.normal(size=(n, g.size)),
                 "time": np.cumsum(rng.uniform(0.1, 0.2, size=n)),
             }
+            budget = {"budget_initial": np.repeat(rng.normal(size=(1, g.size)), n, axis=0)}
+            for term in ("decay", "leak", "kinetic", "discretisation"):
+                budget[f"budget_{term}"] = rng.normal(size=(n, g.size))
+            if g.kind == "scale":
+                budget["budget_angle_sum"] = np.cumsum(rng.uniform(0, 0.1, (n, g.size)), axis=0)
+                budget["budget_grad_sq_sum"] = np.cumsum(rng.uniform(0, 2, (n, g.size)), axis=0)
+                budget["budget_angle"] = rng.uniform(0, 0.1, (n, g.size))
+            theory[g.key].update(budget)
     metrics = {m: np.full(n, np.nan) for m in ("train_loss", "test_loss", "top1", "top5")}
     for m in metrics:
         metrics[m][[0, 3, 6]] = rng.uniform(size=3)
@@ -467,6 +475,72 @@ def ref_norms(distance: bool):
     return ref
 
 
+def ref_budget(data: dict, cache: dict) -> dict:
+    """Reference of `budget`: measured quantity, stored terms, change and residual by loops."""
+    out = axes(data)
+    terms = ("decay", "leak", "kinetic", "discretisation")
+    for g in groups_of(["translation", "scale", "rescale"]):
+        if not g.valid:
+            continue
+        base = f"groups/{g.kind}/{g.name}"
+        th = data["theory"][g.key]
+        fn = value if g.kind == "translation" else square
+        measured = over_steps(data["params"], g, fn)
+        change = np.zeros_like(measured)
+        residual = np.zeros_like(measured)
+        for i in range(measured.shape[0]):
+            for j in range(measured.shape[1]):
+                change[i, j] = measured[i, j] - th["budget_initial"][i, j]
+                residual[i, j] = change[i, j] - sum(th[f"budget_{t}"][i, j] for t in terms)
+        values = {"measured": measured, "change": change, "residual": residual}
+        values.update({t: th[f"budget_{t}"] for t in terms})
+        for name, v in values.items():
+            out[f"{base}/{name}"] = v
+            out[f"{base}/{name}_sum"] = v.sum(axis=1)
+    return out
+
+
+def ref_equilibrium(data: dict, cache: dict) -> dict:
+    """Reference of `equilibrium` (SGD family: custom_sgd with the run's momentum)."""
+    out = axes(data)
+    beta, wd = data["hp"]["momentum"], data["hp"]["wd"]
+    steps, lr = data["steps"], data["lr"]
+    for g in groups_of(["scale"]):
+        if not g.valid:
+            continue
+        base = f"groups/scale/{g.name}"
+        th = data["theory"][g.key]
+        q = over_steps(data["params"], g, square)
+        n, size = q.shape
+        angle = np.full((n, size), np.nan)
+        gsq = np.full((n, size), np.nan)
+        p_angle = np.full(n, np.nan)
+        p_norm = np.full((n, size), np.nan)
+        t_scale = np.full(n, np.nan)
+        for i in range(1, n):
+            gap = steps[i] - steps[i - 1]
+            eta = lr[i - 1]
+            p_angle[i] = math.sqrt(2 * eta * wd / (1 + beta))
+            t_scale[i] = (1 - beta) / (eta * wd)
+            for j in range(size):
+                angle[i, j] = (
+                    th["budget_angle_sum"][i, j] - th["budget_angle_sum"][i - 1, j]
+                ) / gap
+                gsq[i, j] = (
+                    th["budget_grad_sq_sum"][i, j] - th["budget_grad_sq_sum"][i - 1, j]
+                ) / gap
+                p_norm[i, j] = math.sqrt(eta * gsq[i, j] / (2 * wd * (1 - beta)))
+        norm = np.sqrt(q)
+        for name, v in (("angle", angle), ("norm", norm), ("grad_sq", gsq)):
+            out[f"{base}/{name}"] = v
+            out[f"{base}/{name}_mean"] = v.mean(axis=1)
+        out[f"{base}/predicted_angle"] = p_angle
+        out[f"{base}/predicted_norm"] = p_norm
+        out[f"{base}/predicted_norm_mean"] = p_norm.mean(axis=1)
+        out[f"{base}/time_scale"] = t_scale
+    return out
+
+
 REFERENCES = {
     "translation": ref_conservation("translation"),
     "scale": ref_conservation("scale"),
@@ -480,6 +554,8 @@ REFERENCES = {
     "symmetry_violation": ref_symmetry_violation,
     "norms": ref_norms(False),
     "distance": ref_norms(True),
+    "budget": ref_budget,
+    "equilibrium": ref_equilibrium,
 }
 
 
