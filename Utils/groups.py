@@ -131,8 +131,9 @@ class SymmetryGroup:
 
 
 def groups_to_json(groups: Iterable[SymmetryGroup]) -> str:
-    """Serialises groups to a JSON string."""
-    return json.dumps([g.to_dict() for g in groups])
+    """Serialises groups to a JSON string, keys sorted so that equal groups give equal text
+    (a group rebuilt from groups.json and a freshly verified one, for instance)."""
+    return json.dumps([g.to_dict() for g in groups], sort_keys=True)
 
 
 def groups_from_json(text: str) -> list[SymmetryGroup]:
