@@ -95,8 +95,9 @@ def parse_values(text: str, flag: str, positive: bool) -> list[float]:
 
 
 def expid_of(lr: float, wd: float) -> str:
-    """The run id of one cell, e.g. ``lr0.01_wd0.0005``."""
-    return f"lr{lr:g}_wd{wd:g}"
+    """The run id of one cell, e.g. ``lr0.01_wd0.0005`` (``1e+06`` is written ``1e06``: a run name
+    holds no ``+``)."""
+    return f"lr{lr:g}_wd{wd:g}".replace("+", "")
 
 
 def cell_commands(

@@ -13,6 +13,7 @@ percent of them differ from the background, with a clear spread of values).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -544,3 +545,13 @@ def test_real_run_grid_of_copies(real_run):
     assert written == [str(real_run / "t" / "figures" / f"{m}_grid_norm.png") for m in names]
     for path in written:
         assert_drawn(path)
+
+
+def test_sweep_run_names_of_large_values_are_valid_run_names():
+    from Utils.names import is_valid_run_name
+
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    for lr, wd in [(1e6, 5e-4), (0.01, 1e-20), (3.0, 0.0)]:
+        assert is_valid_run_name(sweep.expid_of(lr, wd)), sweep.expid_of(lr, wd)

@@ -14,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from Utils.config import MACHINE_KEYS
 from Utils.figures.axes import empty_panel, layer_key, lr_drop_handle, style_handles
 from Utils.figures.base import plotter_for
 from Utils.figures.conservation import quantity_label
@@ -32,25 +33,9 @@ from Utils.figures.style import (
     texify,
 )
 
-# Keys of hyperparameters.json that name or locate a run rather than change its training.
-BOOKKEEPING = {
-    "expid",
-    "experiment",
-    "save_dir",
-    "data_dir",
-    "model_dir",
-    "overwrite",
-    "resume",
-    "verbose",
-    "no_progress",
-    "sync_save",
-    "workers",
-    "device",
-    "gpu",
-    "tpu",
-    "deterministic",
-    "test_batch_size",
-}
+# Keys of hyperparameters.json that do not change the training dynamics: the machine keys of the
+# typed config, plus two that only change how a run is computed or evaluated.
+BOOKKEEPING = MACHINE_KEYS | {"deterministic", "test_batch_size"}
 # Preferred order of grid axes (rows first).
 HP_ORDER = ("lr", "wd", "momentum", "train_batch_size", "dampening", "optimizer", "model")
 
