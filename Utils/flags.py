@@ -167,6 +167,15 @@ def train_parser() -> Parser:
         "--sync-save", action="store_true", help="write checkpoints in the training thread"
     )
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.add_argument(
+        "--track-online",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N steps, record each symmetry group's measured quantities (S/Q/R, |g|^2, "
+        "|u|^2, violation, angular update) and theory into <run>/online.h5, a few floats per "
+        "neuron instead of a checkpoint; cache.py reads it like features.h5 (0: off)",
+    )
 
     h = p.add_argument_group("hardware and reproducibility")
     h.add_argument(
@@ -232,6 +241,11 @@ def validate_train_config(cfg: dict[str, Any]) -> None:
     need(cfg["save_freq"] >= 0, "--save-freq must be >= 0 (0: first and last step only)")
     need(cfg["eval_freq"] >= 0, "--eval-freq must be >= 0 (0: once per epoch)")
     need(cfg["num_checkpoints"] >= 2, "--num-checkpoints must be >= 2")
+    need(cfg.get("track_online", 0) >= 0, "--track-online must be >= 0 (0: off, 1: every step)")
+    need(
+        not cfg.get("track_online") or (cfg["device"] != "xla" and not cfg.get("tpu")),
+        "--track-online is not supported on XLA devices; drop it or use --device cpu/cuda",
+    )
     need(0 < cfg["lr_drop_rate"] <= 1, "--lr-drop-rate must be in (0, 1]")
     bad = [e for e in cfg["lr_drops"] if not 0 < e <= max(cfg["epochs"], 0)]
     need(

@@ -574,7 +574,7 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
     lock = ctx.on_master(lambda: _take_run_dir(run_dir, cfg))
     try:
         groups: list = []
-        if cfg["optimizer"] == "custom_sgd":
+        if cfg["optimizer"] == "custom_sgd" or cfg.get("track_online"):  # api: groups to track
 
             def find_groups() -> list:
                 stored = _stored_groups(run_dir) if (cfg["resume"] and run_dir) else None
@@ -660,6 +660,14 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
             if (run_dir and ctx.is_master)
             else None
         )
+        # api hook 1: --track-online N records per-group quantities into <run>/online.h5
+        from Utils.online import for_training
+
+        online = (
+            for_training(cfg, model, optimizer, groups, run_dir, steps_per_epoch, step)
+            if ctx.is_master
+            else None
+        )
         # training statistics of steps not yet read back: (step, epoch, [loss_sum, top1, n])
         pending: list[tuple[int, int, torch.Tensor]] = []
         shown = {"loss": math.nan}
@@ -724,6 +732,8 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
                         metrics["train_top1"] = running["top1_sum"] / running["count"]
                 running.update(loss_sum=0.0, top1_sum=0.0, count=0)
                 history.append({"step": step, "epoch": step / max(steps_per_epoch, 1), **metrics})
+                if online is not None:  # api hook 2: the evaluation joins the online row
+                    online.log(metrics)
                 if run_dir and ctx.is_master:
                     fileio.write_json(fileio.join(run_dir, "metrics.json"), history)
             if writer is not None and (step in save_at or is_eval):
@@ -783,6 +793,8 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
             bar.close()
             if writer is not None:
                 writer.close()
+            if online is not None:  # api hook 3: commit the last rows of online.h5
+                online.close()
         ctx.barrier()
         seconds = time.perf_counter() - t0
         if ctx.is_master:

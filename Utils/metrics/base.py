@@ -55,6 +55,8 @@ class FeaturesInfo:
         theory: keys ``<kind>/<layer>`` of the groups that have theory state.
         shapes: parameter name -> shape (without the step axis).
         dtypes: parameter name -> numpy dtype.
+        measured: keys ``<kind>/<layer>`` of the groups whose measured quantities were
+            recorded during training (``/measured``, online.h5 written by Utils/online.py).
     """
 
     num_rows: int
@@ -68,6 +70,7 @@ class FeaturesInfo:
     theory: set[str]
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, np.dtype]
+    measured: set[str] = field(default_factory=set)
 
     @classmethod
     def from_file(cls, f: h5py.File) -> FeaturesInfo:
@@ -94,6 +97,11 @@ class FeaturesInfo:
             for kind in f["theory"]:
                 for layer in f["theory"][kind]:
                     theory.add(f"{kind}/{layer}")
+        measured: set[str] = set()
+        if "measured" in f:
+            for kind in f["measured"]:
+                for layer in f["measured"][kind]:
+                    measured.add(f"{kind}/{layer}")
         shapes = {p: tuple(f["params"][p].shape[1:]) for p in params}
         dtypes = {p: f["params"][p].dtype for p in params}
         weights = [p for p in params if not p.endswith(_NOT_TRAINABLE)]
@@ -109,6 +117,7 @@ class FeaturesInfo:
             theory=theory,
             shapes=shapes,
             dtypes=dtypes,
+            measured=measured,
         )
 
     def groups_of(self, kinds: Sequence[str]) -> list[SymmetryGroup]:
@@ -194,6 +203,17 @@ class Context:
 
         return np.asarray(storage.read_theory(self.features, group.key, name, rows=rows))
 
+    def has_measured(self, group: SymmetryGroup) -> bool:
+        """Whether the group's measured quantities were recorded online (``/measured``)."""
+        return group.key in self.info.measured
+
+    def read_measured(self, group: SymmetryGroup, name: str, rows: slice) -> np.ndarray:
+        """A measured field of a group (``value``, ``magnitude``...) for rows: [r, size]."""
+        from Utils import storage
+
+        path = f"measured/{group.key}/{name}"
+        return np.asarray(storage.read_rows(self.features, path, rows), dtype=np.float64)
+
     def has_theory(self, group: SymmetryGroup, name: str) -> bool:
         """Whether features.h5 holds the theory field `name` of `group`."""
         return f"theory/{group.key}/{name}" in self.features
@@ -218,6 +238,8 @@ class Metric:
         min_rows: least number of extracted rows.
         options: names of the cache.py options that change the result (``subset``, ``seed``).
         check: extra condition: returns "" when fine, or the reason it does not apply.
+        online: computable from an online-tracked run (online.h5: per-group measured
+            quantities, theory and metrics, no parameters).
     """
 
     name: str
@@ -229,6 +251,7 @@ class Metric:
     min_rows: int = 1
     options: tuple[str, ...] = ()
     check: Callable[[FeaturesInfo], str] | None = None
+    online: bool = False
 
     def applies(self, features: FeaturesInfo) -> tuple[bool, str]:
         """Whether this metric can be computed for a run.
@@ -239,6 +262,11 @@ class Metric:
         Returns:
             (True, "") or (False, one-line reason naming what is missing and how to get it).
         """
+        if not features.params and not self.online:
+            return False, (
+                "the run was tracked online (no parameters stored); this metric needs "
+                "checkpoints: train with --save-freq N and run extract.py"
+            )
         if features.num_rows < self.min_rows:
             return False, (
                 f"needs at least {self.min_rows} extracted checkpoints "
@@ -277,6 +305,7 @@ def register_metric(
     options: Sequence[str] = (),
     check: Callable[[FeaturesInfo], str] | None = None,
     aliases: Sequence[str] = (),
+    online: bool = False,
 ) -> Callable[[Callable[[Context], None]], Callable[[Context], None]]:
     """Decorator that registers a compute function as the metric `name`.
 
@@ -290,6 +319,7 @@ def register_metric(
         options: cache.py options that change the result.
         check: extra applicability test (see `Metric.check`).
         aliases: other names accepted on the command line for this metric.
+        online: computable from an online-tracked run (see `Metric.online`).
 
     Returns:
         The decorator (it returns the function unchanged).
@@ -311,6 +341,7 @@ def register_metric(
                 min_rows=min_rows,
                 options=tuple(options),
                 check=check,
+                online=online,
             ),
             kinds=tuple(kinds),
             buffers=tuple(buffers),

@@ -1,0 +1,588 @@
+"""Online tracking: per-group measured quantities and theory, recorded during training.
+
+A `Tracker` attaches to any torch optimizer through its step hooks. Every `every`-th update it
+measures, for each symmetry group (per neuron, float64):
+
+* ``value``: the conserved quantity of the new parameters theta_s (translation S = sum theta_A,
+  scale Q = |theta_A|^2, rescale R = |theta_A1|^2 - |theta_A2|^2), as `Utils.theory.measure`;
+* ``magnitude``: the same sum with non-negative terms (sum |theta_A|; |theta_A1|^2 +
+  |theta_A2|^2), the denominator of the relative errors of the conservation metrics;
+* ``grad_sq`` |g_A|^2 and ``update_sq`` |u_A|^2 of the update s-1 -> s (u = (theta_{s-1} -
+  theta_s) / eta, so decoupled weight decay is part of u), NaN on rows without an update;
+* ``violation`` |<g_A, c_A>| / (|g_A| |c_A|) of that update's gradient (c_A = 1, theta_A,
+  (theta_A1, -theta_A2) at theta_{s-1}), as the ``symmetry_violation`` metric;
+* ``angular_update``: the angle in radians between theta_{A,s-1} and theta_{A,s} (scale and
+  rescale; NaN for translation);
+
+and the theory state of every *theory source* (an object with ``theory_snapshot()`` returning
+``{group key: {field: array}}``, as `Utils.optimizers.TrackingSGD` does; the optimizer is one
+when it has that method). Rows can also carry evaluation metrics (`Tracker.log`).
+
+With a run folder the rows stream into ``<run>/online.h5``, which has the layout of
+features.h5 (docs/FORMATS.md) without ``/params`` and ``/buffers`` and with
+``/measured/<kind>/<layer>/<field>`` [N, size] float64. It is written by
+`Utils.storage.FeaturesWriter` in blocks of rows, so a process killed at any moment leaves a
+readable file whose committed rows are complete; cache.py reads it when the run has no
+features.h5 (or with ``--source online``), and plot.py draws its caches like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from Utils import fileio, storage
+from Utils.errors import UsageError
+from Utils.groups import SymmetryGroup, groups_to_json
+
+ONLINE_FILE = "online.h5"
+MEASURED = "measured"
+FIELDS = ("value", "magnitude", "grad_sq", "update_sq", "violation", "angular_update")
+TINY = 1e-300
+BLOCK_ROWS = 64  # rows written to the file at once ...
+BLOCK_SECONDS = 10.0  # ... or after this long, whichever comes first
+
+
+def online_path(run_dir: str) -> str:
+    """Path of a run's online tracking file, ``<run>/online.h5``."""
+    return fileio.join(run_dir, ONLINE_FILE)
+
+
+def measured_path(group_key: str, field_name: str) -> str:
+    """HDF5 path of a measured field, e.g. ``measured/scale/features.0/value``."""
+    return f"{MEASURED}/{group_key}/{field_name}"
+
+
+def relative_error(theory: np.ndarray, measured: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    """|theory - measured| / max(magnitude, TINY), elementwise (the conservation metrics' error).
+
+    Args:
+        theory: predictions [size].
+        measured: measured values [size].
+        magnitude: the sums of non-negative terms [size].
+
+    Returns:
+        float64 [size].
+    """
+    theory = np.asarray(theory, dtype=np.float64)
+    measured = np.asarray(measured, dtype=np.float64)
+    return np.abs(theory - measured) / np.maximum(np.asarray(magnitude, dtype=np.float64), TINY)
+
+
+class _Family:
+    """The groups of one family (translation: linear sums; scale/rescale: sums of squares).
+
+    Two reducers (signed and unsigned member signs) turn stacked elementwise products
+    [L, *shape] of every parameter into per-group sums [L, total] in one call each.
+    """
+
+    def __init__(self, groups: Sequence[SymmetryGroup], ndims: Mapping[str, int]) -> None:
+        from dataclasses import replace
+
+        from Utils.optimizers import _Reducer
+
+        self.groups = list(groups)
+        self.quadratic = self.groups[0].kind != "translation"
+        unsigned = [
+            replace(g, members=tuple(replace(m, sign=1) for m in g.members)) for g in self.groups
+        ]
+        self.signed = _Reducer(self.groups, ndims)
+        self.unsigned = _Reducer(unsigned, ndims)
+        self.names = self.signed.names
+        self.bounds = np.cumsum([0] + [g.size for g in self.groups])
+
+    def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """{group key: flat[..., entries of the group]}."""
+        return {g.key: flat[..., a:b] for g, a, b in zip(self.groups, self.bounds, self.bounds[1:])}
+
+    def current(self, params: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """(value [total], magnitude [total]) of the current parameters."""
+        wide = {n: params[n].detach().double() for n in self.names}
+        if self.quadratic:
+            sq = {n: w * w for n, w in wide.items()}
+            value, magnitude = self.signed(sq), self.unsigned(sq)
+        else:
+            value = self.signed(wide)
+            magnitude = self.unsigned({n: w.abs() for n, w in wide.items()})
+        return value.cpu().numpy(), magnitude.cpu().numpy()
+
+    def after_update(
+        self,
+        params: Mapping[str, torch.Tensor],
+        prev: Mapping[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor | None],
+        lr: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """Every field of `FIELDS` for the update prev -> params, each [total] float64."""
+        signed_in: dict[str, torch.Tensor] = {}
+        unsigned_in: dict[str, torch.Tensor] = {}
+        for n in self.names:
+            theta = params[n].detach().double()  # [*shape]
+            before = prev[n].double()
+            g = grads[n]
+            g = torch.zeros_like(theta) if g is None else g.detach().double()
+            delta = before - theta
+            if self.quadratic:
+                signed_in[n] = torch.stack([theta * theta, g * before])  # [2, *shape]
+                unsigned_in[n] = torch.stack([theta * theta, g * g, delta * delta, before * before])
+            else:
+                signed_in[n] = torch.stack([theta, g])
+                unsigned_in[n] = torch.stack(
+                    [theta.abs(), g * g, delta * delta, torch.ones_like(theta)]
+                )  # [4, *shape]
+        s = self.signed(signed_in).cpu().numpy()  # [2, total]
+        u = self.unsigned(unsigned_in).cpu().numpy()  # [4, total]
+        value, dot = s
+        magnitude, g_sq, delta_sq, c_sq = u
+        with np.errstate(invalid="ignore", divide="ignore"):
+            denom = np.sqrt(g_sq * c_sq)
+            violation = np.where(denom > 0, np.abs(dot) / np.where(denom > 0, denom, 1.0), np.nan)
+            update_sq = np.where(lr != 0, delta_sq / np.square(lr), np.nan)
+            if self.quadratic:
+                norms = np.sqrt(c_sq * magnitude)
+                cos = (c_sq + magnitude - delta_sq) / (2 * np.where(norms > 0, norms, 1.0))
+                angle = np.where(norms > 0, np.arccos(np.clip(cos, -1.0, 1.0)), np.nan)
+            else:
+                angle = np.full_like(value, np.nan)
+        return {
+            "value": value,
+            "magnitude": magnitude,
+            "grad_sq": g_sq,
+            "update_sq": update_sq,
+            "violation": violation,
+            "angular_update": angle,
+        }
+
+
+def _theory_sources(optimizer: torch.optim.Optimizer, extra: Iterable[Any]) -> list[Any]:
+    sources = [optimizer] if hasattr(optimizer, "theory_snapshot") else []
+    for source in extra:
+        if not callable(getattr(source, "theory_snapshot", None)):
+            raise TypeError(f"theory source {source!r} has no theory_snapshot() method")
+        sources.append(source)
+    return sources
+
+
+def default_config(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A train.py-like config describing a loop the tracker was attached to.
+
+    The conservation metrics read ``optimizer``, ``lr``, ``wd``, ``momentum``, ``dampening``
+    and ``nesterov`` from it (first param group).
+    """
+    pg = optimizer.param_groups[0]
+    momentum = pg.get("momentum", 0.0)
+    return {
+        "model": type(model).__name__,
+        "optimizer": type(optimizer).__name__.lower(),
+        "lr": float(pg.get("lr", 0.0)),
+        "wd": float(pg.get("weight_decay", 0.0)),
+        "momentum": float(momentum) if isinstance(momentum, int | float) else 0.0,
+        "dampening": float(pg.get("dampening", 0.0)),
+        "nesterov": bool(pg.get("nesterov", False)),
+        "lr_drops": [],
+        "lr_drop_rate": 1.0,
+    }
+
+
+class Tracker:
+    """Tracks the symmetry groups of a model while any torch optimizer trains it.
+
+    Attaching registers step pre- and post-hooks on the optimizer: the training loop itself
+    is not changed. Every `every`-th update (and at `log`) one row is recorded: the fields
+    of `FIELDS` per group, the theory sources' state, the step, epoch and learning rate.
+
+    Args:
+        model: the network (the parameters named in the groups are read from it).
+        optimizer: any torch optimizer over the model's parameters.
+        groups: symmetry groups (e.g. from `Utils.api.detect_groups`); groups whose
+            parameters are not all in the model are left out. With a `TrackingSGD`, its
+            ``groups`` (which mark what it could not track) are used when this is None.
+        run_dir: run folder to stream rows into (``<run>/online.h5``, ``metrics.json``,
+            ``groups.json``, ``hyperparameters.json``); None keeps only the latest row in
+            memory.
+        every: record every N-th update (1: every update; 0: only at `log`).
+        config: the run's configuration (stored in the files; cache.py reads ``lr``, ``wd``,
+            ``momentum``...); missing keys come from `default_config`.
+        steps_per_epoch: to store each row's epoch (NaN without it).
+        theory_sources: more objects with ``theory_snapshot()`` (e.g. a budget tracker).
+        start_step: step count of the model as attached (resumed runs).
+        resume: continue an existing ``online.h5`` (rows at or after `start_step` are
+            dropped); otherwise an existing file is replaced.
+        run_files: also write ``hyperparameters.json``, ``groups.json`` (when missing) and
+            ``metrics.json`` (train.py writes its own).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        groups: Sequence[SymmetryGroup] | None = None,
+        run_dir: str | None = None,
+        every: int = 1,
+        config: Mapping[str, Any] | None = None,
+        steps_per_epoch: int | None = None,
+        theory_sources: Iterable[Any] = (),
+        start_step: int = 0,
+        resume: bool = False,
+        run_files: bool = True,
+    ) -> None:
+        if int(every) < 0:
+            raise UsageError(f"tracking every {every} steps: give a number >= 0 (1: every step)")
+        if groups is None:
+            groups = list(getattr(optimizer, "groups", []))
+        self.model = model
+        self.optimizer = optimizer
+        self.every = int(every)
+        self.steps_per_epoch = steps_per_epoch
+        self.step = int(start_step)
+        self.params = dict(model.named_parameters())
+        self.groups = [g for g in groups if all(n in self.params for n in g.params)]
+        self.sources = _theory_sources(optimizer, theory_sources)
+        ndims = {n: p.ndim for n, p in self.params.items()}
+        self._families = [
+            _Family(fam, ndims)
+            for fam in (
+                [g for g in self.groups if g.kind == "translation"],
+                [g for g in self.groups if g.kind != "translation"],
+            )
+            if fam
+        ]
+        self._names = list(dict.fromkeys(n for f in self._families for n in f.names))
+        self._prev: dict[str, torch.Tensor] | None = None
+        self._open: storage.Row | None = None
+        self._pending: list[storage.Row] = []
+        self._last_write = time.monotonic()
+        self._history: list[dict[str, float]] = []
+        self._latest: dict[str, dict[str, np.ndarray]] = {}
+        self.config = {**default_config(model, optimizer), **dict(config or {})}
+        self.run_dir = run_dir or ""
+        self.run_files = run_files
+        self._writer: storage.FeaturesWriter | None = None
+        if self.run_dir:
+            self._start_files(resume)
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before),
+            optimizer.register_step_post_hook(self._after),
+        ]
+        self._open = self._row(self._current_fields())
+
+    # ----------------------------------------------------------------- files
+
+    def _start_files(self, resume: bool) -> None:
+        if fileio.is_url(self.run_dir):
+            raise UsageError(
+                f"online tracking writes HDF5 and needs a local run folder (got {self.run_dir})"
+            )
+        path = fileio.local_path(online_path(self.run_dir))
+        fileio.makedirs(self.run_dir)
+        if resume and fileio.exists(path):
+            self._writer = storage.FeaturesWriter.open(path)
+            keep = int(np.searchsorted(self._writer.steps, self.step, side="left"))
+            self._writer.rows = keep  # rows from start_step on are rewritten
+            self._writer.steps = self._writer.steps[:keep]
+            mpath = fileio.join(self.run_dir, "metrics.json")
+            if self.run_files and fileio.exists(mpath):
+                self._history = [h for h in fileio.read_json(mpath) if h["step"] < self.step]
+            return
+        self._writer = storage.FeaturesWriter.create(
+            path,
+            json.dumps(self.config, sort_keys=True, default=str),
+            groups_to_json(self.groups),
+        )
+        self._writer._f.attrs["source"] = "online"
+        self._writer._f.attrs["every"] = self.every
+        if not self.run_files:
+            return
+        hp = fileio.join(self.run_dir, "hyperparameters.json")
+        if not fileio.exists(hp):
+            fileio.write_json(hp, {"config": self.config})
+        path = fileio.join(self.run_dir, "groups.json")
+        if not fileio.exists(path):
+            fileio.write_json(path, json.loads(groups_to_json(self.groups)))
+
+    # ----------------------------------------------------------------- hooks
+
+    def _before(self, optimizer, args, kwargs) -> None:
+        """Pre-step hook: finishes the open row (its lr is now known) and keeps theta_k."""
+        self._finish_open()
+        if self.every and (self.step + 1) % self.every == 0 and self._families:
+            with torch.no_grad():
+                if self._prev is None:
+                    self._prev = {n: self.params[n].detach().clone() for n in self._names}
+                else:
+                    torch._foreach_copy_(
+                        [self._prev[n] for n in self._names],
+                        [self.params[n].detach() for n in self._names],
+                    )
+
+    def _after(self, optimizer, args, kwargs) -> None:
+        """Post-step hook: counts the update and records a row on tracked steps."""
+        self.step += 1
+        if not (self.every and self.step % self.every == 0):
+            return
+        fields: dict[str, dict[str, np.ndarray]] = {}
+        if self._families and self._prev is not None:
+            lr_of = {id(p): float(pg["lr"]) for pg in optimizer.param_groups for p in pg["params"]}
+            grads = {n: self.params[n].grad for n in self._names}
+            with torch.no_grad():
+                for fam in self._families:
+                    lr = np.concatenate(
+                        [
+                            np.full(g.size, lr_of.get(id(self.params[g.params[0]]), math.nan))
+                            for g in fam.groups
+                        ]
+                    )
+                    out = fam.after_update(self.params, self._prev, grads, lr)
+                    for name, flat in out.items():
+                        for key, part in fam.split(flat).items():
+                            fields.setdefault(key, {})[name] = part
+        self._open = self._row(fields)
+
+    # ----------------------------------------------------------------- rows
+
+    def _current_fields(self) -> dict[str, dict[str, np.ndarray]]:
+        fields: dict[str, dict[str, np.ndarray]] = {}
+        with torch.no_grad():
+            for fam in self._families:
+                value, magnitude = fam.current(self.params)
+                for key, part in fam.split(value).items():
+                    fields[key] = {"value": part}
+                for key, part in fam.split(magnitude).items():
+                    fields[key]["magnitude"] = part
+        return fields
+
+    def _row(self, fields: dict[str, dict[str, np.ndarray]]) -> storage.Row:
+        values: dict[str, np.ndarray] = {
+            storage.EPOCH: np.asarray(self.epoch, dtype=np.float64),
+            storage.SOURCES: np.asarray(b"online", dtype=storage.SOURCE_DTYPE),
+        }
+        nan = {g.key: np.full(g.size, np.nan) for g in self.groups}
+        for g in self.groups:
+            got = fields.get(g.key, {})
+            for name in FIELDS:
+                values[measured_path(g.key, name)] = np.asarray(
+                    got.get(name, nan[g.key]), dtype=np.float64
+                )
+        for source in self.sources:
+            for key, state in source.theory_snapshot().items():
+                for name, array in state.items():
+                    values[storage.theory_path(key, name)] = np.asarray(array, dtype=np.float64)
+        self._latest = {k: dict(v) for k, v in fields.items()}
+        return storage.Row(step=self.step, values=values)
+
+    @property
+    def epoch(self) -> float:
+        """The current epoch as a float (NaN without ``steps_per_epoch``)."""
+        return self.step / self.steps_per_epoch if self.steps_per_epoch else math.nan
+
+    def _finish_open(self) -> None:
+        """Completes the open row with the next update's learning rate and queues it."""
+        if self._open is None:
+            return
+        row, self._open = self._open, None
+        row.values[storage.LR] = np.asarray(
+            float(self.optimizer.param_groups[0]["lr"]), dtype=np.float64
+        )
+        if self._writer is None:
+            return
+        self._pending.append(row)
+        if len(self._pending) >= BLOCK_ROWS or time.monotonic() - self._last_write > BLOCK_SECONDS:
+            self._write()
+
+    def _write(self) -> None:
+        """Commits the queued rows to online.h5 (crash-safe: see Utils/storage.py)."""
+        if self._writer is None or not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        specs: dict[str, storage.DatasetSpec] = {}
+        for row in rows:
+            for path, value in row.values.items():
+                specs.setdefault(path, storage.spec_of(path, value))
+        try:
+            self._writer.prepare(specs.values(), len(rows))
+            self._writer.append(rows)
+        except Exception as exc:
+            failed = fileio.write_error_of(exc, self._writer.path)
+            if failed is None:
+                raise
+            self._writer.abandon()
+            self._writer = None
+            raise failed from None
+        self._last_write = time.monotonic()
+
+    # ----------------------------------------------------------------- public
+
+    def log(self, metrics: Mapping[str, float]) -> None:
+        """Records evaluation metrics (losses, accuracies...) at the current step.
+
+        The row of the current step is recorded now if the hooks did not (its gradient and
+        update fields are then NaN), and the rows so far are committed to the file;
+        ``metrics.json`` gets one more entry.
+
+        Args:
+            metrics: name -> value (floats; e.g. ``{"test_loss": 0.3, "top1": 0.9}``).
+        """
+        if self._open is None or self._open.step != self.step:
+            self._finish_open()
+            self._open = self._row(self._current_fields())
+        for name, value in metrics.items():
+            self._open.values[storage.metric_path(str(name))] = np.asarray(
+                float(value), dtype=np.float64
+            )
+        self._history.append({"step": self.step, "epoch": self.epoch, **dict(metrics)})
+        if self.run_dir:
+            self._write()
+            if self.run_files:
+                fileio.write_json(fileio.join(self.run_dir, "metrics.json"), self._history)
+
+    def measured(self) -> dict[str, np.ndarray]:
+        """The measured quantity of every group for the model's current parameters.
+
+        Returns:
+            group key -> float64 [size] (S, Q or R per neuron).
+        """
+        return {k: v["value"] for k, v in self._current_fields().items()}
+
+    def theory(self) -> dict[str, dict[str, np.ndarray]]:
+        """The theory sources' current state: group key -> field -> array (e.g. exact, paper)."""
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for source in self.sources:
+            for key, state in source.theory_snapshot().items():
+                out.setdefault(key, {}).update(
+                    {k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
+                )
+        return out
+
+    def errors(self) -> dict[str, dict[str, np.ndarray]]:
+        """Relative errors of the predictions for the current parameters.
+
+        Returns:
+            group key -> {"exact": [size], "paper": [size]} (the fields the sources have):
+            |theory - measured| / max(magnitude, 1e-300), as the conservation metrics.
+        """
+        current = self._current_fields()
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for key, state in self.theory().items():
+            if key not in current:
+                continue
+            m = current[key]
+            out[key] = {
+                name: relative_error(state[name], m["value"], m["magnitude"])
+                for name in ("exact", "paper")
+                if name in state
+            }
+        return out
+
+    def worst_error(self, name: str = "exact") -> float:
+        """The largest relative error of one prediction over every group and neuron (NaN if none)."""
+        worst = [
+            float(np.nanmax(e[name])) for e in self.errors().values() if e.get(name) is not None
+        ]
+        worst = [w for w in worst if not math.isnan(w)]
+        return max(worst) if worst else math.nan
+
+    def latest(self) -> dict[str, dict[str, np.ndarray]]:
+        """The fields of the last recorded row: group key -> field -> [size]."""
+        return {k: dict(v) for k, v in self._latest.items()}
+
+    def flush(self) -> None:
+        """Commits the rows recorded so far (the open row of the current step stays open)."""
+        self._write()
+
+    def close(self) -> None:
+        """Records the open row, commits everything, marks the file complete, removes the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._finish_open()
+        self._write()
+        if self._writer is not None:
+            self._writer.finish(complete=True)
+            self._writer = None
+
+    def abandon(self) -> None:
+        """Removes the hooks and closes the file without writing queued rows (after an error)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+def for_training(
+    cfg: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: Sequence[SymmetryGroup],
+    run_dir: str,
+    steps_per_epoch: int,
+    step: int,
+) -> Tracker | None:
+    """The tracker of a train.py run with ``--track-online N`` (None when it is off).
+
+    Called by the training loop on the process that writes the run; records into
+    ``<run>/online.h5`` (in memory when the run saves nothing).
+
+    Args:
+        cfg: the run's config (``track_online``, ``resume``).
+        model: the model being trained (not a DDP wrapper).
+        optimizer: its optimizer.
+        groups: the groups found for the run (all optimizers get their measured quantities).
+        run_dir: the run folder ("" when nothing is saved).
+        steps_per_epoch: optimizer steps per epoch.
+        step: the step training starts (or resumes) at.
+    """
+    every = int(cfg.get("track_online") or 0)
+    if every <= 0:
+        return None
+    return Tracker(
+        model,
+        optimizer,
+        list(getattr(optimizer, "groups", groups)),
+        run_dir=run_dir or None,
+        every=every,
+        config=dict(cfg),
+        steps_per_epoch=steps_per_epoch,
+        start_step=step,
+        resume=bool(cfg.get("resume")),
+        run_files=False,
+    )
+
+
+def track(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: Sequence[SymmetryGroup] | None = None,
+    **kwargs: Any,
+) -> Tracker:
+    """Attaches a `Tracker` to an optimizer (see `Tracker` for the arguments)."""
+    return Tracker(model, optimizer, groups, **kwargs)
+
+
+__all__ = [
+    "FIELDS",
+    "ONLINE_FILE",
+    "Tracker",
+    "default_config",
+    "measured_path",
+    "online_path",
+    "relative_error",
+    "track",
+]
