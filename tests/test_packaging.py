@@ -41,6 +41,8 @@ def test_wheel_holds_packages_scripts_and_entry_points(wheel: Path) -> None:
         "Models/registry.py",
         "Utils/__init__.py",
         "Utils/cli.py",
+        "Utils/api.py",
+        "Utils/online.py",
         "Utils/metrics/__init__.py",
         "Utils/metrics/conservation.py",
     ):
@@ -89,7 +91,7 @@ def test_installed_console_scripts_run_outside_the_checkout(wheel: Path, tmp_pat
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     api = subprocess.run(
-        [sys.executable, "-c", "import Utils.cli as a; print(a.__file__)"],
+        [sys.executable, "-c", "import Utils.api as a; print(a.__file__)"],
         cwd=work,
         env=env,
         capture_output=True,

@@ -1,0 +1,329 @@
+"""The public API (Utils/api.py) and online tracking (Utils/online.py), against slow references.
+
+References are per-neuron python loops over the groups' members on parameters, gradients and
+updates recorded by the test itself; the online path of train.py is compared with the
+checkpoint -> extract.py -> cache.py path of the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from Utils import storage
+from Utils.api import TrackingSGD, detect_groups, measure_groups, track
+from Utils.online import FIELDS, ONLINE_FILE, measured_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _net(eps: float = 1e-5, dtype=torch.float32) -> nn.Module:
+    """Linear-BN-ReLU (scale), Linear-ReLU-Linear (rescale), classifier (translation)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 8),
+        nn.BatchNorm1d(8, eps=eps),
+        nn.ReLU(),
+        nn.Linear(8, 5),
+        nn.ReLU(),
+        nn.Linear(5, 3),
+    ).to(dtype)
+
+
+def _data(n: int = 64, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 6, generator=g, dtype=dtype)
+    return x, (x[:, :3] + 0.5 * torch.randn(n, 3, generator=g, dtype=dtype)).argmax(1)
+
+
+def _parts(group, tensors, i):
+    """(elements of neuron i in one member, the member's sign) for every member: slow loop."""
+    out = []
+    for m in group.members:
+        t = tensors[m.param].detach().double()
+        if m.dim is None:
+            if i == m.offset:
+                out.append((t.reshape(-1), m.sign))
+            continue
+        local = i - m.offset
+        count = t.shape[m.dim] // m.block
+        if 0 <= local < count:
+            idx = torch.arange(local * m.block, (local + 1) * m.block)
+            out.append((t.index_select(m.dim, idx).reshape(-1), m.sign))
+    return out
+
+
+def _reference(group, theta, prev, grads, lr):
+    """Every field of `FIELDS` for one group, neuron by neuron."""
+    quad = group.kind != "translation"
+    rows = {f: [] for f in FIELDS}
+    for i in range(group.size):
+        th = _parts(group, theta, i)
+        value = sum(s * float((a * a).sum() if quad else a.sum()) for a, s in th)
+        magnitude = sum(float((a * a).sum() if quad else a.abs().sum()) for a, _ in th)
+        rows["value"].append(value)
+        rows["magnitude"].append(magnitude)
+        if prev is None:
+            for f in FIELDS[2:]:
+                rows[f].append(math.nan)
+            continue
+        pv = _parts(group, prev, i)
+        gr = _parts(group, grads, i)
+        g_sq = sum(float((g * g).sum()) for g, _ in gr)
+        u_sq = sum(float((((p - t) / lr) ** 2).sum()) for (p, _), (t, _) in zip(pv, th))
+        if quad:
+            dot = sum(s * float((g * p).sum()) for (g, s), (p, _) in zip(gr, pv))
+            c_sq = sum(float((p * p).sum()) for p, _ in pv)
+            a = torch.cat([p for p, _ in pv])
+            b = torch.cat([t for t, _ in th])
+            cos = float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
+            angle = math.acos(max(-1.0, min(1.0, cos)))
+        else:
+            dot = sum(s * float(g.sum()) for g, s in gr)
+            c_sq = sum(g.numel() for g, _ in gr)
+            angle = math.nan
+        rows["grad_sq"].append(g_sq)
+        rows["update_sq"].append(u_sq)
+        rows["violation"].append(abs(dot) / math.sqrt(g_sq * c_sq))
+        rows["angular_update"].append(angle)
+    return {f: np.array(v) for f, v in rows.items()}
+
+
+def test_detect_groups_finds_all_kinds_and_leaves_no_trace():
+    model = _net()
+    x, y = _data()
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    model.eval()
+    groups = detect_groups(model, x, y)
+    assert sorted(g.kind for g in groups) == ["rescale", "scale", "translation"]
+    assert all(g.valid for g in groups)
+    assert not model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+
+
+def test_tracking_sgd_theory_in_memory_at_any_step():
+    """Exact SGD theory from the API agrees with measurement to round-off (float64, eps ~ 0)."""
+    model = _net(eps=1e-30, dtype=torch.float64)
+    x, y = _data(dtype=torch.float64)
+    groups = detect_groups(model, x, y)
+    opt = TrackingSGD(model.named_parameters(), 0.1, momentum=0.9, weight_decay=1e-3, groups=groups)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+    tracker = track(model, opt)  # the groups come from the optimizer
+    for step in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        errors = tracker.errors()
+        assert set(errors) == {g.key for g in groups}
+        assert tracker.worst_error("exact") < 1e-10, step
+        measured = tracker.measured()
+        slow = {g.key: _reference(g, dict(model.named_parameters()), None, {}, 1.0) for g in groups}
+        for key, value in measured.items():
+            np.testing.assert_allclose(value, slow[key]["value"], rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(
+                measure_groups(model, groups)[key].numpy(), value, rtol=1e-12, atol=1e-14
+            )
+    assert tracker.worst_error("paper") > tracker.worst_error("exact")
+    tracker.close()
+
+
+def test_online_rows_match_a_slow_reference_with_adamw(tmp_path):
+    """Every field of every row of online.h5 (AdamW + StepLR) against per-neuron loops."""
+    model = _net()
+    x, y = _data()
+    groups = detect_groups(model, x, y)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    run = tmp_path / "exp" / "run"
+    tracker = track(model, opt, groups, run_dir=str(run), every=1, steps_per_epoch=5)
+    params = dict(model.named_parameters())
+    snaps = [({n: p.detach().clone() for n, p in params.items()}, None, None, None)]
+    lrs = []
+    for step in range(11):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        before = {n: p.detach().clone() for n, p in params.items()}
+        lr = opt.param_groups[0]["lr"]
+        lrs.append(lr)
+        opt.step()
+        sched.step()
+        grads = {n: p.grad.detach().clone() for n, p in params.items()}
+        snaps.append(({n: p.detach().clone() for n, p in params.items()}, before, grads, lr))
+        if step == 5:
+            tracker.log({"test_loss": 1.5, "top1": 0.25})
+    lrs.append(opt.param_groups[0]["lr"])
+    tracker.close()
+    with storage.open_features(str(run), ONLINE_FILE) as f:
+        assert storage.num_rows(f) == 12 and f.attrs["complete"]
+        np.testing.assert_array_equal(storage.read_steps(f), np.arange(12))
+        np.testing.assert_allclose(storage.read_lr(f), lrs)  # lr of the next update
+        np.testing.assert_allclose(storage.read_epochs(f), np.arange(12) / 5)
+        loss = storage.read_metric(f, "test_loss")
+        assert loss[6] == 1.5 and np.isnan(np.delete(loss, 6)).all()
+        for g in groups:
+            for row, (theta, prev, grads, lr) in enumerate(snaps):
+                want = _reference(g, theta, prev, grads, lr)
+                for name in FIELDS:
+                    got = storage.read_rows(f, measured_path(g.key, name), row)
+                    np.testing.assert_allclose(
+                        got, want[name], rtol=1e-9, atol=1e-12, err_msg=f"{g.key} {name} {row}"
+                    )
+    history = json.loads((run / "metrics.json").read_text())
+    assert history == [{"step": 6, "epoch": 1.2, "test_loss": 1.5, "top1": 0.25}]
+    assert json.loads((run / "hyperparameters.json").read_text())["config"]["optimizer"] == "adamw"
+
+
+def test_every_n_and_log_between(tmp_path):
+    model = _net()
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = track(model, opt, detect_groups(model, x, y), run_dir=str(tmp_path / "r"), every=3)
+    for step in range(8):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step == 3:
+            tracker.log({"top1": 0.5})  # step 4: not a tracked step
+    tracker.close()
+    with storage.open_features(str(tmp_path / "r"), ONLINE_FILE) as f:
+        np.testing.assert_array_equal(storage.read_steps(f), [0, 3, 4, 6])
+        g_sq = storage.read_rows(f, measured_path("scale/0", "grad_sq"))
+        assert np.isnan(g_sq[[0, 2]]).all() and np.isfinite(g_sq[[1, 3]]).all()
+
+
+def test_bad_every_is_one_line():
+    from Utils.errors import UsageError
+
+    model = _net()
+    with pytest.raises(UsageError, match="tracking every -1 steps"):
+        track(model, torch.optim.SGD(model.parameters(), lr=0.1), [], every=-1)
+
+
+_KILLED = """
+import os, signal, sys, torch
+from torch import nn
+sys.path.insert(0, {root!r})
+import Utils.online as online
+from Utils.api import detect_groups, track
+online.BLOCK_ROWS = 4
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+tracker = track(model, opt, detect_groups(model, x, y), run_dir={run!r})
+for step in range(50):
+    opt.zero_grad(); nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+    if step == 21:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_killed_tracker_leaves_a_readable_file(tmp_path):
+    run = tmp_path / "exp" / "killed"
+    code = _KILLED.format(root=str(ROOT), run=str(run))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    with storage.open_features(str(run), ONLINE_FILE) as f:
+        steps = storage.read_steps(f)
+        assert len(steps) == 20 and not f.attrs["complete"]  # 5 blocks of 4 rows
+        q = storage.read_rows(f, measured_path("scale/0", "value"))
+        assert np.isfinite(q).all()
+    out = subprocess.run(
+        [sys.executable, "cache.py", "--save-dir", str(tmp_path), "--experiment", "exp"]
+        + ["--expid", "killed", "--metrics", "scale,translation", "--no-progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+def test_train_track_online_matches_checkpoint_extraction(tmp_path):
+    """--track-online 1 gives the caches that checkpoints + extract.py give (same run)."""
+    from Utils.extraction import extract_run
+    from Utils.metrics import cache_run, load_cache
+    from Utils.training import train
+
+    train(
+        {
+            "save_dir": str(tmp_path),
+            "experiment": "e",
+            "expid": "a",
+            "dataset": "synthetic",
+            "model": "fc-bn",
+            "epochs": 1,
+            "lr": 0.05,
+            "momentum": 0.9,
+            "wd": 1e-3,
+            "save_freq": 1,
+            "track_online": 1,
+            "eval_freq": 10,
+            "no_progress": True,
+        }
+    )
+    run = str(tmp_path / "e" / "a")
+    extract_run(run, progress=False)
+    metrics = "translation,scale,performance"
+    cache_run(run, metrics=metrics, progress=False, source="features")
+    cache_run(run, metrics=metrics, suffix="_online", progress=False, source="online")
+    for kind in ("translation", "scale"):
+        a = load_cache(os.path.join(run, "cache", f"{kind}.h5"))
+        b = load_cache(os.path.join(run, "cache", f"{kind}_online.h5"))
+        for axis in ("steps", "epoch", "lr", "time"):
+            np.testing.assert_array_equal(a[axis], b[axis])
+        layers = [k for k in a["groups"][kind] if k != "attrs"]
+        assert layers
+        for layer in layers:
+            ga, gb = a["groups"][kind][layer], b["groups"][kind][layer]
+            for name in ("empirical", "magnitude", "theory_exact", "theory_paper"):
+                np.testing.assert_allclose(gb[name], ga[name], rtol=1e-13, atol=0)
+            for name in ("error_exact", "error_paper"):
+                np.testing.assert_allclose(gb[name], ga[name], rtol=1e-6, atol=1e-14)
+    pa = load_cache(os.path.join(run, "cache", "performance.h5"))
+    pb = load_cache(os.path.join(run, "cache", "performance_online.h5"))
+    np.testing.assert_array_equal(pa["steps"], pb["steps"])
+    for name in ("test_loss", "top1"):
+        np.testing.assert_array_equal(pa["metrics"][name], pb["metrics"][name])
+
+
+@pytest.mark.slow
+def test_own_loop_example_then_cache_and_plot(tmp_path):
+    """scripts/own_loop_example.py (own model, AdamW, own loop) -> cache.py -> plot.py."""
+    run = tmp_path / "mine" / "run1"
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+
+    def call(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    call(str(ROOT / "scripts" / "own_loop_example.py"), str(run), "60")
+    flags = ["--save-dir", str(tmp_path), "--experiment", "mine", "--expid", "run1"]
+    out = call(str(ROOT / "cache.py"), *flags, "--no-progress")
+    for metric in ("translation", "scale", "rescale", "performance"):
+        assert f"{metric}" in out and "computed" in out.split(metric, 1)[1].splitlines()[0]
+    call(str(ROOT / "plot.py"), *flags)
+    for name in ("translation", "scale", "rescale", "performance"):
+        assert (run / "figures" / f"{name}.png").stat().st_size > 10_000
