@@ -76,71 +76,117 @@ def relative_error(theory: np.ndarray, measured: np.ndarray, magnitude: np.ndarr
     return np.abs(theory - measured) / np.maximum(np.asarray(magnitude, dtype=np.float64), TINY)
 
 
+def _rows(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """x as [slices, rest]: one row per index of `dim` (one row in all when dim is None)."""
+    if dim is None:
+        return x.reshape(1, -1)
+    if x.ndim == 1:
+        return x.reshape(-1, 1)
+    if dim % x.ndim == 0:
+        return x.reshape(x.shape[0], -1)
+    return x.movedim(dim, 0).reshape(x.shape[dim], -1)
+
+
 class _Family:
     """The groups of one family (translation: linear sums; scale/rescale: sums of squares).
 
-    Two reducers (signed and unsigned member signs) turn stacked elementwise products
-    [L, *shape] of every parameter into per-group sums [L, total] in one call each.
+    Every member of every group reduces a parameter-shaped tensor to one sum per slice along
+    its axis (`_rows`); the slices of all members are scattered into the group entries by
+    one ``index_add`` with the members' signs (signed sums) or without (unsigned sums).
+    The measured quantity and its magnitude are summed in float64; the diagnostics (|g|^2,
+    |u|^2, <g, c>) sum each slice in the parameters' dtype (float32: relative error ~1e-7)
+    and combine the slices in float64, as the tracked SGD step does.
+
+    Args:
+        groups: groups of one family, in order.
+        shapes: parameter name -> shape.
+        device: where the parameters live.
     """
 
-    def __init__(self, groups: Sequence[SymmetryGroup], ndims: Mapping[str, int]) -> None:
-        from dataclasses import replace
-
-        from Utils.optimizers import _Reducer
-
+    def __init__(
+        self,
+        groups: Sequence[SymmetryGroup],
+        shapes: Mapping[str, torch.Size],
+        device: torch.device,
+    ) -> None:
         self.groups = list(groups)
         self.quadratic = self.groups[0].kind != "translation"
-        unsigned = [
-            replace(g, members=tuple(replace(m, sign=1) for m in g.members)) for g in self.groups
-        ]
-        self.signed = _Reducer(self.groups, ndims)
-        self.unsigned = _Reducer(unsigned, ndims)
-        self.names = self.signed.names
+        self.members: list[tuple[str, int | None]] = []
+        index: list[int] = []
+        sign: list[float] = []
+        start = 0
+        for g in self.groups:
+            for m in g.members:
+                shape = shapes[m.param]
+                dim = None if m.dim is None else m.dim % len(shape)
+                n = 1 if dim is None else shape[dim]
+                self.members.append((m.param, dim))
+                index += [start + m.offset + j // m.block for j in range(n)]
+                sign += [float(m.sign)] * n
+            start += g.size
+        self.total = start
+        self.names = list(dict.fromkeys(name for name, _ in self.members))
+        self.index = torch.tensor(index, dtype=torch.long, device=device)
+        self.sign = torch.tensor(sign, dtype=torch.float64, device=device)
         self.bounds = np.cumsum([0] + [g.size for g in self.groups])
 
     def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """{group key: flat[..., entries of the group]}."""
         return {g.key: flat[..., a:b] for g, a, b in zip(self.groups, self.bounds, self.bounds[1:])}
 
+    def _slices(self, op, *tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """float64 [S]: op(rows of each tensor) for every member, concatenated."""
+        parts = [
+            op(*(_rows(t[name], dim) for t in tensors)).to(torch.float64)
+            for name, dim in self.members
+        ]
+        return torch.cat(parts)
+
+    def _scatter(self, flat: torch.Tensor, signed: bool) -> torch.Tensor:
+        out = torch.zeros(self.total, dtype=torch.float64, device=flat.device)
+        return out.index_add_(0, self.index, flat * self.sign if signed else flat)
+
     def current(self, params: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """(value [total], magnitude [total]) of the current parameters."""
-        wide = {n: params[n].detach().double() for n in self.names}
+        """(value [total], magnitude [total]) of the parameters, summed in float64."""
         if self.quadratic:
-            sq = {n: w * w for n, w in wide.items()}
-            value, magnitude = self.signed(sq), self.unsigned(sq)
+            sq = self._slices(_square64, params)
+            value, magnitude = self._scatter(sq, True), self._scatter(sq, False)
         else:
-            value = self.signed(wide)
-            magnitude = self.unsigned({n: w.abs() for n, w in wide.items()})
+            value = self._scatter(self._slices(_sum64, params), True)
+            magnitude = self._scatter(self._slices(_abs64, params), False)
         return value.cpu().numpy(), magnitude.cpu().numpy()
+
+    def before_update(
+        self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(<g, c> signed [total], |g|^2 [total]) at theta_k, before the update."""
+        g_sq = self._scatter(self._slices(_square, grads), False)
+        if self.quadratic:
+            dot = self._scatter(self._slices(_dot, grads, params), True)
+        else:
+            dot = self._scatter(self._slices(_sum, grads), True)
+        return dot, g_sq
 
     def after_update(
         self,
         params: Mapping[str, torch.Tensor],
-        prev: Mapping[str, torch.Tensor],
-        grads: Mapping[str, torch.Tensor | None],
+        delta: Mapping[str, torch.Tensor],
+        before: tuple[torch.Tensor, torch.Tensor],
+        c_sq: np.ndarray,
         lr: np.ndarray,
     ) -> dict[str, np.ndarray]:
-        """Every field of `FIELDS` for the update prev -> params, each [total] float64."""
-        signed_in: dict[str, torch.Tensor] = {}
-        unsigned_in: dict[str, torch.Tensor] = {}
-        for n in self.names:
-            theta = params[n].detach().double()  # [*shape]
-            before = prev[n].double()
-            g = grads[n]
-            g = torch.zeros_like(theta) if g is None else g.detach().double()
-            delta = before - theta
-            if self.quadratic:
-                signed_in[n] = torch.stack([theta * theta, g * before])  # [2, *shape]
-                unsigned_in[n] = torch.stack([theta * theta, g * g, delta * delta, before * before])
-            else:
-                signed_in[n] = torch.stack([theta, g])
-                unsigned_in[n] = torch.stack(
-                    [theta.abs(), g * g, delta * delta, torch.ones_like(theta)]
-                )  # [4, *shape]
-        s = self.signed(signed_in).cpu().numpy()  # [2, total]
-        u = self.unsigned(unsigned_in).cpu().numpy()  # [4, total]
-        value, dot = s
-        magnitude, g_sq, delta_sq, c_sq = u
+        """Every field of `FIELDS` for the update theta_k -> theta_{k+1} = params.
+
+        Args:
+            params: theta_{k+1}.
+            delta: theta_k - theta_{k+1}.
+            before: `before_update` of this update.
+            c_sq: |c_A|^2 at theta_k (float64 [total]).
+            lr: learning rate of each entry's parameters [total].
+        """
+        value, magnitude = self.current(params)
+        delta_sq = self._scatter(self._slices(_square, delta), False).cpu().numpy()
+        dot, g_sq = (t.cpu().numpy() for t in before)
         with np.errstate(invalid="ignore", divide="ignore"):
             denom = np.sqrt(g_sq * c_sq)
             violation = np.where(denom > 0, np.abs(dot) / np.where(denom > 0, denom, 1.0), np.nan)
@@ -159,6 +205,40 @@ class _Family:
             "violation": violation,
             "angular_update": angle,
         }
+
+    def c_sq(self, params: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """|c_A|^2 of the symmetry's generator at the parameters: [total] float64."""
+        if self.quadratic:
+            return self.current(params)[1]
+        return self._scatter(self._slices(_count, params), False).cpu().numpy()
+
+
+def _square64(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()  # [slices]
+
+
+def _sum64(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(dim=1, dtype=torch.float64)
+
+
+def _abs64(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().sum(dim=1, dtype=torch.float64)
+
+
+def _square(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=1).double().square()
+
+
+def _sum(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(dim=1)
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vecdot(x, y, dim=1)
+
+
+def _count(x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64, device=x.device)
 
 
 def _theory_sources(optimizer: torch.optim.Optimizer, extra: Iterable[Any]) -> list[Any]:
@@ -245,9 +325,10 @@ class Tracker:
         self.params = dict(model.named_parameters())
         self.groups = [g for g in groups if all(n in self.params for n in g.params)]
         self.sources = _theory_sources(optimizer, theory_sources)
-        ndims = {n: p.ndim for n, p in self.params.items()}
+        shapes = {n: p.shape for n, p in self.params.items()}
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self._families = [
-            _Family(fam, ndims)
+            _Family(fam, shapes, device)
             for fam in (
                 [g for g in self.groups if g.kind == "translation"],
                 [g for g in self.groups if g.kind != "translation"],
@@ -256,6 +337,9 @@ class Tracker:
         ]
         self._names = list(dict.fromkeys(n for f in self._families for n in f.names))
         self._prev: dict[str, torch.Tensor] | None = None
+        self._before_sums: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._c_sq: list[np.ndarray] = []
+        self._magnitudes: tuple[int, list[np.ndarray]] = (-1, [])  # (step, per family)
         self._open: storage.Row | None = None
         self._pending: list[storage.Row] = []
         self._last_write = time.monotonic()
@@ -310,52 +394,70 @@ class Tracker:
     # ----------------------------------------------------------------- hooks
 
     def _before(self, optimizer, args, kwargs) -> None:
-        """Pre-step hook: finishes the open row (its lr is now known) and keeps theta_k."""
+        """Pre-step hook: finishes the open row (its lr is now known); before a tracked
+        update, sums <g, c> and |g|^2 at theta_k and keeps a copy of theta_k."""
         self._finish_open()
-        if self.every and (self.step + 1) % self.every == 0 and self._families:
-            with torch.no_grad():
-                if self._prev is None:
-                    self._prev = {n: self.params[n].detach().clone() for n in self._names}
-                else:
-                    torch._foreach_copy_(
-                        [self._prev[n] for n in self._names],
-                        [self.params[n].detach() for n in self._names],
-                    )
+        if not (self.every and (self.step + 1) % self.every == 0 and self._families):
+            return
+        with torch.no_grad():
+            params = {n: self.params[n].detach() for n in self._names}
+            grads = {
+                n: torch.zeros_like(p) if p.grad is None else p.grad.detach()
+                for n, p in ((n, self.params[n]) for n in self._names)
+            }
+            self._before_sums = [fam.before_update(params, grads) for fam in self._families]
+            cached_step, cached = self._magnitudes
+            self._c_sq = [
+                cached[i] if (fam.quadratic and cached_step == self.step) else fam.c_sq(params)
+                for i, fam in enumerate(self._families)
+            ]
+            if self._prev is None:
+                self._prev = {n: p.clone() for n, p in params.items()}
+            else:
+                torch._foreach_copy_(list(self._prev.values()), list(params.values()))
 
     def _after(self, optimizer, args, kwargs) -> None:
-        """Post-step hook: counts the update and records a row on tracked steps."""
+        """Post-step hook: counts the update and records a row on tracked updates."""
         self.step += 1
         if not (self.every and self.step % self.every == 0):
             return
         fields: dict[str, dict[str, np.ndarray]] = {}
         if self._families and self._prev is not None:
             lr_of = {id(p): float(pg["lr"]) for pg in optimizer.param_groups for p in pg["params"]}
-            grads = {n: self.params[n].grad for n in self._names}
             with torch.no_grad():
-                for fam in self._families:
+                params = {n: self.params[n].detach() for n in self._names}
+                torch._foreach_sub_(list(self._prev.values()), [params[n] for n in self._prev])
+                magnitudes = []
+                for fam, before, c_sq in zip(self._families, self._before_sums, self._c_sq):
                     lr = np.concatenate(
                         [
                             np.full(g.size, lr_of.get(id(self.params[g.params[0]]), math.nan))
                             for g in fam.groups
                         ]
                     )
-                    out = fam.after_update(self.params, self._prev, grads, lr)
+                    out = fam.after_update(params, self._prev, before, c_sq, lr)
+                    magnitudes.append(out["magnitude"])
                     for name, flat in out.items():
                         for key, part in fam.split(flat).items():
                             fields.setdefault(key, {})[name] = part
+                self._magnitudes = (self.step, magnitudes)
         self._open = self._row(fields)
 
     # ----------------------------------------------------------------- rows
 
     def _current_fields(self) -> dict[str, dict[str, np.ndarray]]:
         fields: dict[str, dict[str, np.ndarray]] = {}
+        magnitudes = []
         with torch.no_grad():
+            params = {n: self.params[n].detach() for n in self._names}
             for fam in self._families:
-                value, magnitude = fam.current(self.params)
+                value, magnitude = fam.current(params)
+                magnitudes.append(magnitude)
                 for key, part in fam.split(value).items():
                     fields[key] = {"value": part}
                 for key, part in fam.split(magnitude).items():
                     fields[key]["magnitude"] = part
+        self._magnitudes = (self.step, magnitudes)
         return fields
 
     def _row(self, fields: dict[str, dict[str, np.ndarray]]) -> storage.Row:

@@ -25,6 +25,16 @@ from Utils.api import TrackingSGD, detect_groups, measure_groups, track
 from Utils.online import FIELDS, ONLINE_FILE, measured_path
 
 ROOT = Path(__file__).resolve().parent.parent
+# (rtol, atol) per field: the conserved quantities are summed in float64; the diagnostics sum
+# each slice in the parameters' float32 (as the tracked SGD step does) and combine in float64.
+TOLERANCE = {
+    "value": (1e-12, 1e-15),
+    "magnitude": (1e-12, 1e-15),
+    "grad_sq": (2e-6, 0.0),
+    "update_sq": (2e-6, 0.0),
+    "violation": (1e-4, 1e-6),
+    "angular_update": (1e-5, 1e-9),
+}
 
 
 def _net(eps: float = 1e-5, dtype=torch.float32) -> nn.Module:
@@ -183,8 +193,9 @@ def test_online_rows_match_a_slow_reference_with_adamw(tmp_path):
                 want = _reference(g, theta, prev, grads, lr)
                 for name in FIELDS:
                     got = storage.read_rows(f, measured_path(g.key, name), row)
+                    rtol, atol = TOLERANCE[name]
                     np.testing.assert_allclose(
-                        got, want[name], rtol=1e-9, atol=1e-12, err_msg=f"{g.key} {name} {row}"
+                        got, want[name], rtol=rtol, atol=atol, err_msg=f"{g.key} {name} {row}"
                     )
     history = json.loads((run / "metrics.json").read_text())
     assert history == [{"step": 6, "epoch": 1.2, "test_loss": 1.5, "top1": 0.25}]
