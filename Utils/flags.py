@@ -80,7 +80,13 @@ def train_parser() -> Parser:
     )
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", default="Data", help="folder holding the datasets")
-    d.add_argument("--dataset", default="fashion-mnist", choices=DATASETS.names(), help="dataset")
+    d.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        type=_dataset_name,
+        help=f"dataset: {', '.join(DATASETS.names())}, or package.module:builder (your own: "
+        "builder() -> (x_train, y_train, x_test, y_test) tensors)",
+    )
     d.add_argument("--train-batch-size", type=int, default=128, help="global training batch")
     d.add_argument("--test-batch-size", type=int, default=256, help="evaluation batch")
     d.add_argument(
@@ -93,7 +99,12 @@ def train_parser() -> Parser:
     d.add_argument("--no-augment", action="store_true", help="switch data augmentation off")
 
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="vgg-demo", help="architecture (see --model-class)")
+    m.add_argument(
+        "--model",
+        default="vgg-demo",
+        help="architecture (see --model-class), or package.module:builder (your own: "
+        "builder(input_shape, num_classes) -> nn.Module)",
+    )
     m.add_argument(
         "--model-class",
         default="default",
@@ -198,6 +209,18 @@ def train_parser() -> Parser:
     return p
 
 
+def _dataset_name(name: str) -> str:
+    """argparse type of --dataset: a registered name or an importable builder (one line)."""
+    from Utils.data import resolve_dataset
+    from Utils.errors import UserError
+
+    try:
+        resolve_dataset(name)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return name
+
+
 def default_config() -> dict[str, Any]:
     """Every train.py flag with its default value (keys use underscores)."""
     return vars(train_parser().parse_args([]))
@@ -254,10 +277,13 @@ def validate_train_config(cfg: dict[str, Any]) -> None:
         "give epochs inside the run",
     )
     from Models import list_models
+    from Utils import plugins
 
     models = list_models(cfg["model_class"])
+    if plugins.is_import_spec(cfg["model"]):  # a user's builder: importable and callable
+        plugins.load_object(cfg["model"], "--model", plugins.MODEL_SIGNATURE)
     need(
-        cfg["model"] in models,
+        cfg["model"] in models or plugins.is_import_spec(cfg["model"]),
         f"unknown --model '{cfg['model']}' for --model-class {cfg['model_class']}; choose one of: "
         f"{', '.join(models)}",
     )

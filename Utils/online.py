@@ -341,6 +341,7 @@ class Tracker:
         self._c_sq: list[np.ndarray] = []
         self._magnitudes: tuple[int, list[np.ndarray]] = (-1, [])  # (step, per family)
         self._open: storage.Row | None = None
+        self._last_row: storage.Row | None = None
         self._pending: list[storage.Row] = []
         self._last_write = time.monotonic()
         self._history: list[dict[str, float]] = []
@@ -489,6 +490,7 @@ class Tracker:
         if self._open is None:
             return
         row, self._open = self._open, None
+        self._last_row = row
         row.values[storage.LR] = np.asarray(
             float(self.optimizer.param_groups[0]["lr"]), dtype=np.float64
         )
@@ -589,6 +591,10 @@ class Tracker:
         ]
         worst = [w for w in worst if not math.isnan(w)]
         return max(worst) if worst else math.nan
+
+    def last_row(self) -> storage.Row | None:
+        """The last row recorded (its datasets and values, as written to online.h5)."""
+        return self._open or self._last_row
 
     def latest(self) -> dict[str, dict[str, np.ndarray]]:
         """The fields of the last recorded row: group key -> field -> [size]."""

@@ -338,3 +338,111 @@ def test_own_loop_example_then_cache_and_plot(tmp_path):
     call(str(ROOT / "plot.py"), *flags)
     for name in ("translation", "scale", "rescale", "performance"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 10_000
+
+
+_PLUGIN = """
+import torch
+from torch import nn
+
+
+def tiny(input_shape, num_classes):
+    size = int(torch.tensor(input_shape).prod())
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(size, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, num_classes)
+    )
+
+
+def broken(input_shape, num_classes):
+    raise ValueError("no such layer size")
+
+
+def not_a_model(input_shape, num_classes):
+    return 3
+
+
+def blobs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 8, 8, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 0).long()
+    return x[:192], y[:192], x[192:], y[192:]
+"""
+
+
+def _train_cli(cwd: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *flags],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--model", "a.b:c"], "--model a.b:c: cannot import a.b"),
+        pytest.param(
+            ["--model", "mynets:nope"], "mynets has no attribute nope", marks=pytest.mark.slow
+        ),
+        pytest.param(["--model", "mynets"], "unknown --model 'mynets'", marks=pytest.mark.slow),
+        pytest.param(
+            ["--dataset", "mynets:nothere"],
+            "--dataset mynets:nothere: mynets has no attribute",
+            marks=pytest.mark.slow,
+        ),
+        (["--model", "mynets:broken", "--dataset", "mynets:blobs"], "raised ValueError"),
+        pytest.param(
+            ["--model", "mynets:not_a_model", "--dataset", "mynets:blobs"],
+            "not a torch.nn.Module",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_bad_model_or_dataset_spec_is_one_line_and_exit_2(tmp_path, flags, expected):
+    """A bad --model/--dataset package.module:builder: one line, exit 2, nothing written."""
+    (tmp_path / "mynets.py").write_text(_PLUGIN)
+    run = ["--save-dir", str(tmp_path / "res"), "--expid", "x"]
+    done = _train_cli(tmp_path, *flags, *run, "--epochs", "1", "--no-progress")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], done.stderr
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.slow
+def test_own_model_and_dataset_from_the_cli_tracked_online(tmp_path):
+    (tmp_path / "mynets.py").write_text(_PLUGIN)
+    flags = ["--save-dir", str(tmp_path / "res"), "--experiment", "own", "--expid", "a"]
+    done = _train_cli(
+        tmp_path,
+        *flags,
+        "--model",
+        "mynets:tiny",
+        "--dataset",
+        "mynets:blobs",
+        "--epochs",
+        "2",
+        "--train-batch-size",
+        "32",
+        "--momentum",
+        "0.9",
+        "--track-online",
+        "1",
+        "--save-freq",
+        "0",
+        "--no-progress",
+    )
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "res" / "own" / "a"
+    with storage.open_features(str(run), ONLINE_FILE) as f:
+        assert storage.num_rows(f) == 13  # steps 0..12, every step
+        assert "theory/scale/1/exact" in f
+    cache = subprocess.run(
+        [sys.executable, str(ROOT / "cache.py"), *flags, "--source", "online", "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert cache.returncode == 0, cache.stderr
+    assert "scale" in cache.stdout
