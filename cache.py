@@ -87,6 +87,10 @@ def _cache(argv: list[str] | None) -> int:
         if args.verbose and not status.startswith("skipped"):
             line += f"  ({cache_path(run_dir, name, args.suffix)})"
         print(line)
+    from Utils.live import cache_summary
+
+    for line in cache_summary(run_dir, args.suffix):  # per-group errors, then plot.py's command
+        print(line)
     return 0
 
 

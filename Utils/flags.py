@@ -206,6 +206,12 @@ def train_parser() -> Parser:
     h.add_argument(
         "--no-progress", action="store_true", help="no progress bars (also off when not a tty)"
     )
+    h.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="write TensorBoard scalars to <run>/tensorboard at each evaluation: losses, "
+        "accuracy, lr, per-layer exact and paper theory errors, violation, angular update",
+    )
     return p
 
 
@@ -264,6 +270,10 @@ def validate_train_config(cfg: dict[str, Any]) -> None:
     need(cfg["save_freq"] >= 0, "--save-freq must be >= 0 (0: first and last step only)")
     need(cfg["eval_freq"] >= 0, "--eval-freq must be >= 0 (0: once per epoch)")
     need(cfg["num_checkpoints"] >= 2, "--num-checkpoints must be >= 2")
+    need(
+        not cfg.get("tensorboard") or bool(cfg["expid"]),
+        "--tensorboard writes into the run folder: give --expid",
+    )
     need(cfg.get("track_online", 0) >= 0, "--track-online must be >= 0 (0: off, 1: every step)")
     need(
         not cfg.get("track_online") or (cfg["device"] != "xla" and not cfg.get("tpu")),

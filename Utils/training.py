@@ -668,6 +668,25 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
             if ctx.is_master
             else None
         )
+        # api hook 4: a line per evaluation when stdout is not a terminal; --tensorboard
+        from Utils.live import for_training as live_feedback
+
+        live = (
+            live_feedback(
+                cfg,
+                model,
+                optimizer,
+                groups,
+                run_dir,
+                steps_per_epoch,
+                eval_every,
+                total_steps,
+                step,
+                online,
+            )
+            if ctx.is_master
+            else None
+        )
         # training statistics of steps not yet read back: (step, epoch, [loss_sum, top1, n])
         pending: list[tuple[int, int, torch.Tensor]] = []
         shown = {"loss": math.nan}
@@ -734,6 +753,8 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
                 history.append({"step": step, "epoch": step / max(steps_per_epoch, 1), **metrics})
                 if online is not None:  # api hook 2: the evaluation joins the online row
                     online.log(metrics)
+                if live is not None:  # api hook 5: report the evaluation
+                    live.evaluation(metrics)
                 if run_dir and ctx.is_master:
                     fileio.write_json(fileio.join(run_dir, "metrics.json"), history)
             if writer is not None and (step in save_at or is_eval):
@@ -795,6 +816,8 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
                 writer.close()
             if online is not None:  # api hook 3: commit the last rows of online.h5
                 online.close()
+            if live is not None:  # api hook 6
+                live.close()
         ctx.barrier()
         seconds = time.perf_counter() - t0
         if ctx.is_master:

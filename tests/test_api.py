@@ -446,3 +446,84 @@ def test_own_model_and_dataset_from_the_cli_tracked_online(tmp_path):
     )
     assert cache.returncode == 0, cache.stderr
     assert "scale" in cache.stdout
+
+
+def test_live_lines_and_tensorboard_scalars_in_process(tmp_path):
+    """LiveFeedback on an own loop: one line per evaluation, scalars read back by TensorBoard."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from Utils.live import LiveFeedback
+
+    model = _net(eps=1e-30, dtype=torch.float64)
+    x, y = _data(dtype=torch.float64)
+    groups = detect_groups(model, x, y)
+    opt = TrackingSGD(model.named_parameters(), 0.05, momentum=0.9, groups=groups)
+    tracker = track(model, opt, every=5, steps_per_epoch=10)
+    out = io.StringIO()
+    live = LiveFeedback(
+        tracker, total_steps=20, lines=True, tensorboard_dir=str(tmp_path / "tb"), stream=out
+    )
+    for step in range(20):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 5 == 0:
+            live.evaluation({"train_loss": loss.item(), "test_loss": 1.0, "top1": 0.5})
+    live.close()
+    tracker.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4
+    assert lines[-1].startswith("step 20/20  epoch 2.00  lr 0.05  train_loss ")
+    worst = float(lines[-1].split("worst exact error ")[1])
+    assert worst < 1e-10  # exactly scale-invariant float64 model
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for key in ("scale/0", "rescale/3->5", "translation/5"):
+        assert f"theory_error_exact/{key}" in tags and f"theory_error_paper/{key}" in tags
+        assert f"violation/{key}" in tags
+    assert {"loss/train", "loss/test", "accuracy/test_top1", "lr"} <= tags
+    angle = ea.Scalars("angular_update/scale/0")
+    assert [e.step for e in angle] == [5, 10, 15, 20] and all(e.value > 0 for e in angle)
+    assert all(e.value < 1e-10 for e in ea.Scalars("theory_error_exact/scale/0"))
+
+
+@pytest.mark.slow
+def test_train_lines_tensorboard_and_cache_summary(tmp_path):
+    """train.py piped: a line per evaluation; --tensorboard events; cache.py's summary."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--save-dir", str(tmp_path), "--experiment", "e", "--expid", "a"]
+    done = _train_cli(
+        tmp_path,
+        *flags,
+        *["--dataset", "synthetic", "--model", "fc", "--epochs", "1", "--eval-freq", "8"],
+        *["--save-freq", "4", "--momentum", "0.9", "--tensorboard"],
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split()[1] for line in lines] == ["0/32", "8/32", "16/32", "24/32", "32/32"]
+    assert all("test_loss" in line and "worst exact error" in line for line in lines)
+    ea = EventAccumulator(str(tmp_path / "e" / "a" / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"loss/train", "loss/test", "accuracy/test_top1"} <= tags
+    assert any(t.startswith("theory_error_exact/rescale/") for t in tags)
+    assert any(t.startswith("angular_update/rescale/") for t in tags)
+    assert any(t.startswith("violation/translation/") for t in tags)
+    for script in ("extract.py", "cache.py"):
+        step = subprocess.run(
+            [sys.executable, str(ROOT / script), *flags, "--no-progress"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert step.returncode == 0, step.stderr
+    summary = step.stdout.strip().splitlines()
+    assert summary[-1] == f"next: python plot.py --save-dir {tmp_path} --experiment e --expid a"
+    table = summary[summary.index(next(s for s in summary if s.startswith("group "))) :]
+    assert any(s.startswith("translation/") for s in table)
+    assert any(s.startswith("rescale/") for s in table)
