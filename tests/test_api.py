@@ -527,3 +527,52 @@ def test_train_lines_tensorboard_and_cache_summary(tmp_path):
     table = summary[summary.index(next(s for s in summary if s.startswith("group "))) :]
     assert any(s.startswith("translation/") for s in table)
     assert any(s.startswith("rescale/") for s in table)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_files_follow_the_umask(tmp_path, mask):
+    """JSON, checkpoints (torch.save) and copied files get 0666 & ~umask, not mkstemp's 0600."""
+    from Utils import fileio
+
+    old = os.umask(mask)
+    try:
+        fileio.write_json(str(tmp_path / "a.json"), {"x": 1})
+        fileio.atomic_torch_save({"w": torch.zeros(2)}, str(tmp_path / "c.pt"))
+        fileio.atomic_write_text(str(tmp_path / "t.txt"), "x")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "c.pt", "t.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_every_file_of_a_run_follows_the_umask(tmp_path, mask):
+    """train (checkpoints, online.h5, JSON) -> extract -> cache -> plot under umask 022 / 077."""
+    code = f"""
+import os, sys
+os.umask({mask})
+sys.path.insert(0, {str(ROOT)!r})
+from Utils.training import train
+from Utils.extraction import extract_run
+from Utils.metrics import cache_run
+from Utils.plotting import make_figures
+train({{"save_dir": {str(tmp_path)!r}, "experiment": "e", "expid": "a", "dataset": "synthetic",
+       "model": "fc-bn", "epochs": 1, "save_freq": 16, "track_online": 4, "no_progress": True}})
+run = os.path.join({str(tmp_path)!r}, "e", "a")
+extract_run(run, progress=False)
+cache_run(run, metrics="scale,performance", progress=False)
+make_figures({str(tmp_path)!r}, "e", "a", metrics=["scale", "performance"])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = [p for p in (tmp_path / "e" / "a").rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
+    assert {".pt", ".json", ".h5", ".png"} <= kinds, kinds
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
