@@ -17,7 +17,10 @@ import argparse
 import os
 import sys
 
-from Utils.flags import Parser, main_wrapper
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from Utils import figures  # noqa: E402  (after choosing matplotlib's backend)
+from Utils.flags import Parser, main_wrapper  # noqa: E402
 
 
 def plot_parser() -> argparse.ArgumentParser:
@@ -46,7 +49,9 @@ def plot_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--metrics",
         default="",
-        help="comma list of cached metrics to draw (default: every cache of the run)",
+        help="comma list of cached metrics to draw (default: every cache of the run); figures: "
+        f"{', '.join(n for n in figures.PLOTTERS.names() if n != figures.GENERIC)}; any other "
+        "cache gets the generic figure (every per-step series)",
     )
     f.add_argument(
         "--layer-wise",
@@ -61,9 +66,11 @@ def plot_parser() -> argparse.ArgumentParser:
         "keyed by layer depth above 8 layers)",
     )
     f.add_argument("--use-tex", action="store_true", help="typeset with LaTeX when it is installed")
-    f.add_argument("--x", default="steps", choices=["steps", "time", "epoch"], help="x axis")
+    f.add_argument("--x", default="steps", choices=figures.X_AXES, help="x axis")
     f.add_argument(
-        "--format", default="png", help="comma list of file formats: png (150 dpi), pdf, svg"
+        "--format",
+        default="png",
+        help=f"comma list of file formats: {', '.join(figures.FORMATS)} (png at 150 dpi)",
     )
     f.add_argument(
         "--plot-dir",
@@ -83,20 +90,16 @@ def plot_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parses flags, draws the figures and prints the paths written; returns the exit status."""
     args = plot_parser().parse_args(argv)
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    from Utils import plotting
-
-    formats = plotting.parse_formats(args.format)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] or None
-    options = plotting.Options(
+    options = figures.Options(
         layer_wise=args.layer_wise,
         norm=args.norm,
         legend=args.legend,
         use_tex=args.use_tex,
         x=args.x,
-        formats=formats,
+        formats=figures.parse_formats(args.format),
     )
-    paths = plotting.make_figures(
+    paths = figures.make_figures(
         args.save_dir,
         args.experiment,
         args.expid,

@@ -35,7 +35,7 @@ IMAGENET_MODELS = (
 )
 
 # Smallest image side some architectures accept (their stems shrink the input below 1 pixel).
-MIN_SIZES = {"inception_v3": 75}
+MIN_SIZES = {"alexnet": 63, "inception_v3": 75}
 
 
 def _size_kwargs(name: str, height: int, width: int) -> dict[str, Any]:

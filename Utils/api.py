@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from Utils.groups import KINDS, Member, SymmetryGroup, groups_from_json, groups_to_json
+from Utils.groups import Member, SymmetryGroup, groups_from_json, groups_to_json
+from Utils.kinds import KINDS
 from Utils.online import FIELDS, ONLINE_FILE, Tracker, default_config, relative_error, track
 from Utils.optimizers import TrackingSGD
 from Utils.symmetry import format_table

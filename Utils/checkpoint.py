@@ -18,13 +18,13 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from Utils import fileio
+from Utils.ckptread import UnsafeCheckpointError, safe_torch_load
 from Utils.errors import CorruptFileError, UserError
 
 FORMAT = "neural-mechanics-checkpoint"
@@ -32,6 +32,8 @@ VERSION = 1
 CKPT_DIR = "ckpt"
 CKPT_PREFIX = "step_"
 CKPT_SUFFIX = ".pt"
+
+METRIC_NAMES = ("train_loss", "train_top1", "test_loss", "top1", "top5")  # ckpt["metrics"]
 
 CHECKPOINT_KEYS = {
     "format": "the string FORMAT",
@@ -73,14 +75,25 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [fileio.join(folder, n) for n in sorted(names)]
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Loads and checks one checkpoint.
+def load_checkpoint(
+    path: str, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Loads and checks one checkpoint, safely (`Utils.ckptread.safe_torch_load`).
+
+    Args:
+        path: the checkpoint file (local path or fsspec URL).
+        map_location: as for ``torch.load``.
+        mmap: memory-map a local file (tensors are read when touched).
 
     Raises:
-        CorruptFileError: when the file is truncated, unreadable or not a checkpoint.
+        UnsafeCheckpointError: the file names a pickle global outside the allowlist.
+        CorruptFileError: when the file is truncated, damaged (CRC-32), unreadable or not a
+            checkpoint.
     """
     try:
-        ckpt = fileio.torch_load(path, map_location=map_location)
+        ckpt = safe_torch_load(path, map_location=map_location, mmap=mmap)
+    except CorruptFileError:
+        raise
     except Exception as exc:  # any unpickling/zip error means a damaged file
         raise CorruptFileError(
             f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); delete it, "
@@ -92,12 +105,23 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
 
 
 def rng_state() -> dict[str, Any]:
-    """Random states of python, numpy and torch (and CUDA when used)."""
+    """Random states of python, numpy and torch (and CUDA when used).
+
+    Only plain values and tensors, so that checkpoints load under the allowlist of
+    `Utils.ckptread`: numpy's state is a dict of ints, a float and a list of ints.
+    """
     import random
 
+    kind, key, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "bit_generator": str(kind),
+            "key": [int(k) for k in key],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -106,11 +130,20 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores `rng_state` output."""
+    """Restores `rng_state` output (also the numpy tuple of older checkpoints)."""
     import random
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (
+            numpy_state["bit_generator"],
+            np.asarray(numpy_state["key"], dtype=np.uint32),
+            int(numpy_state["pos"]),
+            int(numpy_state["has_gauss"]),
+            float(numpy_state["cached_gaussian"]),
+        )
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -334,18 +367,21 @@ def latest_valid_checkpoint(
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """The newest checkpoint that loads, and the paths of newer ones that did not.
 
+    Damaged files are skipped; a file refused by the allowlist stops the search (someone
+    placed it there: resuming past it would hide that).
+
     Returns:
         (checkpoint or None, list of skipped corrupt paths, newest first).
+
+    Raises:
+        UnsafeCheckpointError: a checkpoint names a pickle global outside the allowlist.
     """
     skipped: list[str] = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return load_checkpoint(path, map_location), skipped
+        except UnsafeCheckpointError:
+            raise
         except CorruptFileError:
             skipped.append(path)
     return None, skipped
-
-
-def checkpoint_steps(paths: Sequence[str]) -> list[int]:
-    """Steps stored inside checkpoints (reads each file; used by tests and tools)."""
-    return [int(load_checkpoint(p)["step"]) for p in paths]

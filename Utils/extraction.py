@@ -2,11 +2,13 @@
 
 `extract_run(run_dir)` is everything extract.py does:
 
-1. Scan: every checkpoint file is opened lazily (`read_checkpoint_arrays` maps the file and
-   unpickles only the small pickle, tensors become numpy views that are read when touched;
-   torch.load is the fallback) to learn the step stored inside, the model layout and the
-   config; the rows are ordered by that step, never by file name. Corrupt files raise `CorruptFileError` naming
-   the file, or are skipped with a warning under ``skip_bad``. A checkpoint whose model
+1. Scan: every checkpoint file is opened lazily (`Utils.ckptread.read_arrays` maps the file
+   and unpickles only the small pickle under the allowlist, tensors become numpy views that
+   are read when touched; the safe `load_checkpoint` is the fallback) to learn the step stored
+   inside, the model layout and the config; the rows are ordered by that step, never by file
+   name. Corrupt files (a CRC-32 mismatch included, checked before a row is used) and files
+   refused by the allowlist raise `CorruptFileError` naming the file, or are skipped with a
+   warning under ``skip_bad``. A checkpoint whose model
    layout or config differs from the rest of the run is an error naming it.
 2. Plan: an existing ``features.h5`` is checked (a damaged one is rebuilt with a warning; one
    from another run is an error suggesting ``--overwrite``); checkpoints whose step is already
@@ -26,32 +28,28 @@ checkpoint lacks it are NaN, e.g. momentum before the first step), the custom_sg
 
 from __future__ import annotations
 
-import io
+import contextlib
+import fcntl
 import json
 import math
 import os
-import pickle
 import shutil
-import struct
 import sys
 import tempfile
 import time
-import zipfile
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from Utils import fileio, storage
+from Utils import ckptread, fileio, storage
 from Utils.checkpoint import FORMAT as CKPT_FORMAT
-from Utils.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
+from Utils.checkpoint import METRIC_NAMES, checkpoint_dir, list_checkpoints, load_checkpoint
 from Utils.errors import CorruptFileError, UserError
 from Utils.storage import DatasetSpec, FeaturesWriter, LayoutMismatchError, Row
-
-METRIC_NAMES = ("train_loss", "train_top1", "test_loss", "top1", "top5")
 
 # Config keys that may differ between the checkpoints of one run (set per invocation when a
 # run is resumed on another machine, or from another folder after it was moved: train.py takes
@@ -211,190 +209,23 @@ class _Scan:
 
 # ----------------------------------------------------------------------------- reading
 
-# torch's zip checkpoint format: ``<prefix>/data.pkl`` is a pickle whose tensors are
-# ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`` calls and whose
-# storages are persistent ids ``("storage", torch.<Type>Storage, key, location, numel)``; the
-# bytes of storage ``key`` are the uncompressed zip record ``<prefix>/data/<key>``.
-_STORAGE_DTYPES = {
-    "FloatStorage": np.dtype(np.float32),
-    "DoubleStorage": np.dtype(np.float64),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(np.uint16),  # converted to float32 when rebuilt
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-}
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header, 30 bytes
 
-
-class _Unsupported(Exception):
-    """The checkpoint uses something the array reader does not handle (torch.load does)."""
-
-
-@dataclass(frozen=True)
-class _StorageType:
-    name: str
-
-
-@dataclass(frozen=True)
-class _Storage:
-    array: np.ndarray  # [numel] in the storage's dtype
-    bfloat16: bool
-
-
-def _rebuild_array(
-    storage: _Storage,
-    storage_offset: int,
-    size: tuple[int, ...],
-    stride: tuple[int, ...],
-    requires_grad: bool = False,
-    backward_hooks: Any = None,
-    metadata: Any = None,
-) -> np.ndarray:
-    """Numpy twin of ``torch._utils._rebuild_tensor_v2``: a strided view of the storage."""
-    if not isinstance(storage, _Storage) or backward_hooks or metadata:
-        raise _Unsupported("tensor with hooks or metadata")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    base = storage.array
-    if any(s < 0 for s in stride) or len(size) != len(stride):
-        raise _Unsupported("negative or malformed strides")
-    numel = math.prod(size)
-    offset = int(storage_offset)
-    if numel:
-        last = offset + sum((n - 1) * st for n, st in zip(size, stride))
-        if offset < 0 or last >= base.size:
-            raise CorruptFileError("a tensor reaches past the end of its storage")
-        contiguous, expected = True, 1
-        for n, st in zip(reversed(size), reversed(stride)):
-            contiguous &= n == 1 or st == expected
-            expected *= n
-        if contiguous:
-            view = base[offset : offset + numel].reshape(size)
-        else:
-            view = np.lib.stride_tricks.as_strided(
-                base[offset:],
-                shape=size,
-                strides=tuple(st * base.itemsize for st in stride),
-                writeable=False,
-            )
-    else:
-        view = np.empty(size, dtype=base.dtype)
-    if storage.bfloat16:  # bfloat16 is the top half of a float32
-        return (view.astype(np.uint32) << 16).view(np.float32)
-    return view
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles ``data.pkl`` of a torch zip checkpoint with numpy arrays for tensors."""
-
-    def __init__(self, data: bytes, record: Any) -> None:
-        super().__init__(io.BytesIO(data))
-        self._record = record
-        self._storages: dict[str, _Storage] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_array
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
-        if module == "torch" or module.startswith("torch."):
-            raise _Unsupported(f"{module}.{name}")
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise _Unsupported(f"persistent id {pid!r:.60}")
-        _, storage_type, key, _, numel = pid
-        if not isinstance(storage_type, _StorageType):
-            raise _Unsupported(f"storage type {storage_type!r}")
-        key = str(key)
-        if key not in self._storages:
-            dtype = _STORAGE_DTYPES[storage_type.name]
-            raw = self._record(f"data/{key}")  # [bytes] uint8
-            need = int(numel) * dtype.itemsize
-            if raw.size < need:
-                raise CorruptFileError(f"storage {key} is shorter than its {numel} elements")
-            self._storages[key] = _Storage(
-                raw[:need].view(dtype), storage_type.name == "BFloat16Storage"
-            )
-        return self._storages[key]
-
-
-def read_checkpoint_arrays(path: str) -> dict[str, Any]:
-    """Reads a checkpoint with every tensor as a read-only numpy array, without torch.
-
-    Local files are memory-mapped: arrays are views that read the file when touched, so
-    reading the step or the layout costs only the pickle. bfloat16 tensors become float32.
+def _load(path: str, verify: bool = True) -> dict[str, Any]:
+    """Loads a checkpoint for extraction: `ckptread.read_arrays`, else `load_checkpoint` (mmap).
 
     Args:
-        path: a checkpoint written by train.py (local path or fsspec URL).
-
-    Returns:
-        The checkpoint dict, numpy arrays in place of tensors.
+        path: the checkpoint.
+        verify: check the CRC-32 of every record (else only the pickle's).
 
     Raises:
-        _Unsupported: the file uses torch features this reader does not handle.
-        CorruptFileError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ...: damage.
-    """
-    if fileio.is_url(path):
-        with fileio.open_read(path) as fh:
-            data = fh.read()
-        blob = np.frombuffer(data, dtype=np.uint8)
-        source: Any = io.BytesIO(data)
-    else:
-        local = fileio.local_path(path)
-        blob = np.memmap(local, dtype=np.uint8, mode="r").view(np.ndarray)
-        source = local
-    with zipfile.ZipFile(source) as archive:
-        infos = {i.filename: i for i in archive.infolist()}
-        pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise _Unsupported("not a torch zip checkpoint")
-        prefix = pickles[0][: -len("data.pkl")]
-        order = infos.get(prefix + "byteorder")
-        if order is not None and archive.read(order).decode() != sys.byteorder:
-            raise _Unsupported("byte order differs from this machine")
-        pickled = archive.read(pickles[0])
-
-    def record(name: str) -> np.ndarray:
-        info = infos.get(prefix + name)
-        if info is None:
-            raise CorruptFileError(f"record {name} is missing")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise _Unsupported("compressed record")
-        header = _LOCAL_HEADER.unpack_from(blob, info.header_offset)
-        if header[0] != b"PK\x03\x04":
-            raise CorruptFileError(f"record {name} has a bad header")
-        start = info.header_offset + _LOCAL_HEADER.size + header[-2] + header[-1]
-        if start + info.file_size > blob.size:
-            raise CorruptFileError(f"record {name} is truncated")
-        return blob[start : start + info.file_size]
-
-    return _ArrayUnpickler(pickled, record).load()
-
-
-def _load(path: str) -> dict[str, Any]:
-    """Loads a checkpoint for extraction: `read_checkpoint_arrays`, else torch (mmap).
-
-    Raises:
-        CorruptFileError: naming the file.
+        CorruptFileError: naming the file (`UnsafeCheckpointError` for a refused global).
     """
     try:
-        ckpt = read_checkpoint_arrays(path)
-    except Exception:  # _Unsupported or damage: torch reads it, or names the problem
-        ckpt = None
-    if ckpt is None:
-        if fileio.is_url(path):
-            return load_checkpoint(path)
-        try:
-            ckpt = torch.load(
-                fileio.local_path(path), map_location="cpu", weights_only=False, mmap=True
-            )
-        except Exception:  # the checked loader names the problem
-            return load_checkpoint(path)
+        ckpt = ckptread.read_arrays(path, verify)
+    except CorruptFileError:
+        raise
+    except Exception:  # Unsupported or damage: the checked torch loader reads or names it
+        ckpt = load_checkpoint(path, mmap=not fileio.is_url(path))
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CorruptFileError(f"{path} is not a checkpoint written by train.py")
     return ckpt
@@ -411,7 +242,7 @@ class _Interner:
 
 
 def _scan_one(path: str, intern: _Interner) -> tuple[_Scan, Row]:
-    ckpt = _load(path)
+    ckpt = _load(path, verify=False)  # the tensors' CRC is checked before their row is used
     name = os.path.basename(str(path).rstrip("/"))
     try:
         row = checkpoint_row(ckpt, name)
@@ -472,6 +303,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _reason(err: BaseException) -> str:
     """The parenthesised cause in a `load_checkpoint` error, or the whole message."""
+    if isinstance(err, ckptread.UnsafeCheckpointError):
+        return f"refused: it needs {err.name}, and loading it could run code"
     text = str(err)
     start, end = text.find("("), text.find(")")
     return text[start + 1 : end] if 0 <= start < end else text
@@ -616,17 +449,9 @@ class ExtractionReport:
         return line
 
 
-def _run_hint(run_dir: str) -> tuple[str, str, str]:
-    path = str(run_dir).rstrip("/")
-    expid = os.path.basename(path)
-    experiment = os.path.basename(os.path.dirname(path))
-    save_dir = os.path.dirname(os.path.dirname(path)) or "."
-    return save_dir, experiment, expid
-
-
 def _check_same_run(writer: FeaturesWriter, ref: _Scan, run_dir: str) -> None:
     """Raises UserError when the open file was extracted from another run."""
-    save_dir, experiment, expid = _run_hint(run_dir)
+    save_dir, experiment, expid = storage.run_location(run_dir)
     fix = (
         f"rebuild it with python extract.py --save-dir {save_dir} --experiment {experiment} "
         f"--expid {expid} --overwrite"
@@ -721,7 +546,11 @@ def _write_rows(
     with _progress(len(todo), "extract", progress) as bar:
         for scan in todo:
             try:
-                row = kept.pop(scan.path, None) or checkpoint_row(_load(scan.path), scan.name)
+                row = kept.pop(scan.path, None)
+                if row is None:
+                    row = checkpoint_row(_load(scan.path), scan.name)
+                else:
+                    ckptread.verify_crc(scan.path)
             except CorruptFileError as err:
                 if not skip_bad:
                     commit()
@@ -886,7 +715,53 @@ def extract_run(
     run_dir = str(run_dir)
     if not fileio.exists(run_dir):
         raise UserError(f"no run at {run_dir}; check --save-dir/--experiment/--expid")
-    save_dir, experiment, expid = _run_hint(run_dir)
+    with _extraction_lock(run_dir):
+        return _extract_run(run_dir, overwrite, skip_bad, verbose, progress, t0)
+
+
+LOCK_NAME = ".extract.lock"
+
+
+@contextlib.contextmanager
+def _extraction_lock(run_dir: str) -> Iterator[None]:
+    """Holds ``<run>/.extract.lock`` (an flock, released by the OS if the process dies).
+
+    Local runs only (a URL run is extracted into a private temporary file and uploaded in
+    one piece). A folder where the lock file cannot be created is extracted without it.
+
+    Raises:
+        UserError: another process holds the lock (names its PID).
+    """
+    if fileio.is_url(run_dir):
+        yield
+        return
+    path = os.path.join(fileio.local_path(run_dir), LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # read-only folder: writing features.h5 fails later with its own message
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            raise UserError(
+                f"another extract.py (PID {holder}) is extracting {run_dir}; wait until it "
+                "finishes (its result is this run's features.h5), then run again if needed"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _extract_run(
+    run_dir: str, overwrite: bool, skip_bad: bool, verbose: bool, progress: bool, t0: float
+) -> ExtractionReport:
+    """`extract_run` once the run is locked."""
+    save_dir, experiment, expid = storage.run_location(run_dir)
     paths = list_checkpoints(run_dir)
     if not paths:
         raise UserError(

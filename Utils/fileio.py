@@ -270,16 +270,6 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def torch_load(path: str, map_location: Any = "cpu") -> Any:
-    """`torch.load` for local paths and URLs (full unpickling: only for the project's own files)."""
-    import torch
-
-    if is_url(path):
-        with open_read(path) as f:
-            return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)
-    return torch.load(local_path(path), map_location=map_location, weights_only=False)
-
-
 def upload(local: str, path: str) -> None:
     """Copies a local file to `path` (local or URL) so that it appears complete or not at all.
 

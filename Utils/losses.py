@@ -1,4 +1,4 @@
-"""Loss registry: softmax cross-entropy and mean squared error on one-hot targets."""
+"""Loss registry: softmax cross-entropy, negative log-likelihood and mean squared error."""
 
 from __future__ import annotations
 
@@ -22,6 +22,20 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets: [B] class indices.
     """
     return F.cross_entropy(logits, targets)
+
+
+@LOSSES.register("nll", symmetric_translation=False)
+def negative_log_likelihood(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of models that end in log_softmax, mean over the batch.
+
+    Not translation-symmetric by itself: the model's final log_softmax is (symmetry
+    detection finds the translation group through it).
+
+    Args:
+        log_probs: [B, C] log-probabilities (the output of a final log_softmax).
+        targets: [B] class indices.
+    """
+    return F.nll_loss(log_probs, targets)
 
 
 @LOSSES.register("mse", symmetric_translation=False)

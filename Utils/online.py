@@ -88,7 +88,7 @@ def _rows(x: torch.Tensor, dim: int | None) -> torch.Tensor:
 
 
 class _Family:
-    """The groups of one family (translation: linear sums; scale/rescale: sums of squares).
+    """The groups of one theory family (`Utils.kinds`: translation sums, quadratic squares).
 
     Every member of every group reduces a parameter-shaped tensor to one sum per slice along
     its axis (`_rows`); the slices of all members are scattered into the group entries by
@@ -110,7 +110,7 @@ class _Family:
         device: torch.device,
     ) -> None:
         self.groups = list(groups)
-        self.quadratic = self.groups[0].kind != "translation"
+        self.quadratic = self.groups[0].spec.family == "quadratic"  # Utils/kinds.py
         self.members: list[tuple[str, int | None]] = []
         index: list[int] = []
         sign: list[float] = []
@@ -330,8 +330,8 @@ class Tracker:
         self._families = [
             _Family(fam, shapes, device)
             for fam in (
-                [g for g in self.groups if g.kind == "translation"],
-                [g for g in self.groups if g.kind != "translation"],
+                [g for g in self.groups if g.spec.family == "translation"],
+                [g for g in self.groups if g.spec.family == "quadratic"],
             )
             if fam
         ]

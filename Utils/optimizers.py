@@ -54,7 +54,8 @@ from torch import nn
 
 from Utils import theory
 from Utils.errors import CorruptFileError, UsageError
-from Utils.groups import KINDS, SymmetryGroup, groups_from_json, groups_to_json
+from Utils.groups import Reducer, SymmetryGroup, groups_from_json, groups_to_json
+from Utils.kinds import KINDS
 from Utils.registry import Registry
 
 THEORY_VERSION = 1
@@ -109,7 +110,7 @@ def _check_sgd_hyper(lr: float, momentum: float, dampening: float, wd: float, ne
 class _Bundle:
     """Valid groups of one kind class driven by one param group, stored as flat vectors."""
 
-    kind: str  # "translation" or "quadratic"
+    kind: str  # the groups' family (Utils.kinds.FAMILIES): "translation" or "quadratic"
     pg: int
     time: float
     groups: list[SymmetryGroup]
@@ -118,7 +119,7 @@ class _Bundle:
     params: list[torch.Tensor]  # the parameters of its groups, without repeats
     names: list[str]  # their names
     first: torch.Tensor  # the first member parameter of the first group
-    reducer: _Reducer | None = None
+    reducer: Reducer | None = None
 
     def field(self, name: str) -> torch.Tensor:
         """One field of THEORY_FIELDS, float64 [sum of sizes] (a view, not a copy)."""
@@ -249,8 +250,7 @@ class TrackingSGD(torch.optim.Optimizer):
         for g in self.groups:
             if not g.valid:
                 continue
-            kind = "translation" if g.kind == "translation" else "quadratic"
-            key = (kind, self._pg_of[g.members[0].param], float(times[g.key]))
+            key = (g.spec.family, self._pg_of[g.members[0].param], float(times[g.key]))
             members.setdefault(key, []).append(g)
         self._multi_pg = {}  # groups whose parameters sit in several param groups
         for gs in members.values():
@@ -274,7 +274,7 @@ class TrackingSGD(torch.optim.Optimizer):
                     params=[self._by_name[n] for n in names],
                     names=names,
                     first=self._by_name[gs[0].members[0].param],
-                    reducer=_Reducer(gs, ndims) if kind == "quadratic" else None,
+                    reducer=Reducer(gs, ndims) if kind == "quadratic" else None,
                 )
             )
         return bundles
@@ -422,7 +422,7 @@ class TrackingSGD(torch.optim.Optimizer):
                 st.setdefault("mom_rate", torch.zeros_like(p)) for st, p in zip(states, params)
             ]
             torch._foreach_add_(rates, _products(products, force, force), alpha=2 * hp.dt)
-            gamma, omega2 = hp.oscillator("scale")
+            gamma, omega2 = hp.oscillator("quadratic")
             h, green, hdot, gdot = theory.oscillator_coefficients(gamma, omega2, hp.dt)
             new_x = torch._foreach_mul(xs, h)
             torch._foreach_add_(new_x, rates, alpha=green)
@@ -563,214 +563,6 @@ def _products(
         for i, x in zip(todo, done):
             cache[keys[i]] = x
     return [cache[k] for k in keys]
-
-
-# elements per tensor up to which `_Reducer.squares` stacks same-shaped matrices, so that one
-# reduction serves several members (small layers: the cost is per torch call, not per element)
-_STACK_LIMIT = 1 << 16
-
-
-@dataclass(frozen=True)
-class _SquarePart:
-    """One torch reduction of `_Reducer.squares`, over one tensor or a stack of same-shaped ones.
-
-    Attributes:
-        op: "ident" (1-d member kept whole), "all" (dim None), "rows" (kept axis first): norms,
-            squared afterwards; "cols" (2-d, kept axis 1), "sum" (other): sums of squares.
-        names: parameter names, stacked on a new leading axis when more than one.
-        nd: number of dimensions of the parameters.
-        dim: the kept axis (None for "all").
-    """
-
-    op: str
-    names: tuple[str, ...]
-    nd: int
-    dim: int | None
-
-
-@dataclass
-class _SquarePlan:
-    """The reductions of `_Reducer.squares` for given shapes and where their slices go.
-
-    Attributes:
-        parts: the reductions, in the order of their slices.
-        index: group entry of every slice [S].
-        norm_sign: float64 [S]: the slice's sign where it is a norm (to be squared), else 0.
-        sum_sign: float64 [S]: the slice's sign where it is a sum of squares, else 0.
-        zeros: float64 zeros [total] (the scatter's base, never written).
-    """
-
-    parts: list[_SquarePart]
-    index: torch.Tensor
-    norm_sign: torch.Tensor
-    sum_sign: torch.Tensor
-    zeros: torch.Tensor
-
-
-class _Reducer:
-    """Signed per-group sums of elementwise products (or squares) for the groups of a bundle.
-
-    ``reducer(products)`` equals ``torch.cat([group_sum(x, g) for g in groups])`` (tested
-    against `Utils.groups.group_sum`), also for inputs with one leading axis [L, *param_shape]
-    (L stacked products sharing each reduction). ``reducer.squares(values)`` gives the same
-    for ``x * x`` with as few torch calls as possible, because on small layers the cost is per
-    call: a member whose kept axis leads is a row-wise `vector_norm` (one pass, no temporary;
-    squared in float64 afterwards), a 1-d member kept whole needs no call, and same-shaped
-    small matrices are stacked so that one reduction serves all of them (rows and columns
-    share the stack).
-
-    The slices of all members are concatenated, cast to float64, signed (and squared where
-    they are norms) by one ``addcmul`` and one ``mul``, and scattered into the groups' entries
-    by one ``index_add`` (offsets and blocks are encoded in the index, built once per
-    parameter shapes). Sums over leading and trailing axes reduce the leading axes first: a
-    contiguous, vectorised CPU reduction, several times faster than summing all at once.
-
-    Args:
-        groups: the groups, in bundle order.
-        ndims: parameter name -> number of dimensions of the parameter.
-    """
-
-    def __init__(self, groups: Sequence[SymmetryGroup], ndims: Mapping[str, int]) -> None:
-        self.groups = list(groups)
-        self.members = []  # (name, nd, dim, block, entry of the first slice, sign)
-        start = 0
-        for g in self.groups:
-            for m in g.members:
-                nd = ndims[m.param]
-                dim = None if m.dim is None else m.dim % nd
-                self.members.append((m.param, nd, dim, m.block, start + m.offset, float(m.sign)))
-            start += g.size
-        self.total = start
-        self.names = list(dict.fromkeys(m[0] for m in self.members))
-        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._plans: dict[tuple, _SquarePlan] = {}
-
-    def __call__(self, products: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Reduces {name: [*lead, *shape]} (lead: none or one axis) to float64 [*lead, total]."""
-        parts = [_sum_member(products[n], nd, dim) for n, nd, dim, *_ in self.members]
-        flat = torch.cat(parts, dim=-1).to(torch.float64)  # [*lead, slices of all members]
-        sizes = tuple(p.shape[-1] for p in parts)
-        key = (sizes, flat.device)
-        if key not in self._layouts:
-            index, sign = self._entries(self.members, sizes)
-            self._layouts[key] = (
-                torch.tensor(index, dtype=torch.long, device=flat.device),
-                torch.tensor(sign, dtype=torch.float64, device=flat.device),
-            )
-        index, sign = self._layouts[key]
-        out = flat.new_zeros(*flat.shape[:-1], self.total)  # [*lead, total]
-        return out.index_add_(-1, index, flat * sign)
-
-    def squares(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Group sums of ``x * x`` for {name: [*shape]} (no leading axis): float64 [total]."""
-        device = values[self.names[0]].device
-        key = (tuple(values[n].shape for n in self.names), device)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._plan({n: values[n].shape for n in self.names}, device)
-        stacks: dict[tuple[str, ...], torch.Tensor] = {}
-        outs = []
-        for part in plan.parts:
-            if len(part.names) > 1:
-                x = stacks.get(part.names)
-                if x is None:
-                    x = stacks[part.names] = torch.stack([values[n] for n in part.names])
-            else:
-                x = values[part.names[0]]  # [*shape] or stacked [P, *shape]
-            if part.op == "ident":
-                out = x  # [slices]
-            elif part.op == "all":
-                out = torch.linalg.vector_norm(x).reshape(1)  # [1]
-            elif part.op == "rows":
-                rows = x if part.nd == 2 else x.reshape(x.shape[0], -1)  # [(P,) slices, rest]
-                out = torch.linalg.vector_norm(rows, dim=-1)  # [(P,) slices]
-            elif part.op == "cols":
-                out = x.square().sum(dim=-2)  # [(P,) slices]
-            else:
-                out = _sum_member(x.square(), part.nd, part.dim)  # [slices]
-            outs.append(out.reshape(-1) if out.ndim > 1 else out)
-        flat = torch.cat(outs).to(torch.float64)  # [S]
-        # sign * norm^2 for norms, sign * sum for sums: flat * (flat * norm_sign + sum_sign)
-        signed = torch.addcmul(plan.sum_sign, flat, plan.norm_sign).mul_(flat)  # [S]
-        return torch.index_add(plan.zeros, 0, plan.index, signed)  # [total]
-
-    def _plan(self, shapes: Mapping[str, torch.Size], device: torch.device) -> _SquarePlan:
-        """The reductions of `squares` for these parameter shapes."""
-        order = {n: i for i, n in enumerate(self.names)}
-        batches: dict[tuple, list[tuple]] = {}  # (op, shape or a unique key) -> members
-        for i, m in enumerate(self.members):
-            name, nd, dim = m[:3]
-            shape = tuple(shapes[name])
-            if dim is None:
-                op = "all"
-            elif nd == 1:
-                op = "ident"
-            elif dim == 0:
-                op = "rows"
-            else:
-                op = "cols" if nd == 2 else "sum"
-            small = op in ("rows", "cols") and nd == 2 and math.prod(shape) <= _STACK_LIMIT
-            batches.setdefault((op, shape) if small else (op, i), []).append(m)
-        parts, members, sizes, norm = [], [], [], []
-        for (op, _), ms in batches.items():
-            ms = sorted(ms, key=lambda m: order[m[0]])  # same order -> shared stacks
-            name, nd, dim = ms[0][:3]
-            parts.append(_SquarePart(op, tuple(m[0] for m in ms), nd, dim))
-            for m in ms:
-                members.append(m)
-                sizes.append(1 if dim is None else shapes[m[0]][dim])
-                norm += [op in ("ident", "all", "rows")] * sizes[-1]
-        index, sign = self._entries(members, sizes)
-        as_norm = torch.tensor(norm, device=device)  # [S] bool
-
-        def f64(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float64, device=device)
-
-        return _SquarePlan(
-            parts=parts,
-            index=torch.tensor(index, dtype=torch.long, device=device),
-            norm_sign=torch.where(as_norm, f64(sign), 0.0),
-            sum_sign=torch.where(as_norm, 0.0, f64(sign)),
-            zeros=torch.zeros(self.total, dtype=torch.float64, device=device),
-        )
-
-    @staticmethod
-    def _entries(members: Sequence[tuple], sizes: Sequence[int]) -> tuple[list[int], list[float]]:
-        """Group entry and sign of every slice of the members (slice counts in `sizes`)."""
-        index: list[int] = []
-        sign: list[float] = []
-        for (_, _, _, block, first, s), n in zip(members, sizes):
-            index += [first + j // block for j in range(n)]
-            sign += [s] * n
-        return index, sign
-
-
-def _sum_member(x: torch.Tensor, nd: int, dim: int | None) -> torch.Tensor:
-    """Sum of x over its last `nd` axes but `dim`, keeping one leading axis if any.
-
-    Args:
-        x: [*lead, *shape] with ``len(shape) == nd``.
-        nd: number of parameter axes.
-        dim: the kept parameter axis (non-negative), or None to sum everything.
-
-    Returns:
-        [*lead, shape[dim]], or [*lead, 1] when dim is None.
-    """
-    lead = x.shape[: x.ndim - nd]
-    if dim is None:
-        return x.reshape(*lead, -1).sum(dim=-1, keepdim=True)  # [*lead, 1]
-    if nd == 1:
-        return x  # [*lead, slices]
-    if nd == 2:
-        return x.sum(dim=-1 if dim == 0 else -2)  # [*lead, slices]
-    shape = x.shape[x.ndim - nd :]
-    before, kept, after = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :])
-    x = x.reshape(*lead, before, kept, after)  # [*lead, before, kept, after]
-    if before > 1:
-        x = x.sum(dim=-3)  # [*lead, kept, after]
-    else:
-        x = x.squeeze(-3)  # [*lead, kept, after]
-    return x.sum(dim=-1) if after > 1 else x.squeeze(-1)  # [*lead, kept]
 
 
 def _store_copies(states: list[dict], key: str, values: list[torch.Tensor]) -> None:

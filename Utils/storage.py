@@ -109,12 +109,18 @@ def metric_path(name: str) -> str:
     return f"{METRICS}/{name}"
 
 
-def _run_hint(run_dir: str) -> str:
-    """The extract.py command line for a run folder ``<save-dir>/<experiment>/<expid>``."""
-    path = str(run_dir).rstrip("/")
+def run_location(run_dir: str) -> tuple[str, str, str]:
+    """``(save_dir, experiment, expid)`` of a run folder ``<save-dir>/<experiment>/<expid>``."""
+    path = fileio.local_path(str(run_dir)).rstrip("/")
     expid = os.path.basename(path)
     experiment = os.path.basename(os.path.dirname(path))
     save_dir = os.path.dirname(os.path.dirname(path)) or "."
+    return save_dir, experiment, expid
+
+
+def extract_command(run_dir: str) -> str:
+    """The extract.py command line that (re)builds a run's ``features.h5``."""
+    save_dir, experiment, expid = run_location(run_dir)
     return f"python extract.py --save-dir {save_dir} --experiment {experiment} --expid {expid}"
 
 
@@ -199,7 +205,7 @@ def open_features(run_dir: str, filename: str = FILENAME) -> h5py.File:
     if not fileio.exists(path):
         if not fileio.exists(run_dir):
             raise UserError(f"no run at {run_dir}; check --save-dir/--experiment/--expid")
-        raise UserError(f"run {run_dir} has not been extracted; run {_run_hint(run_dir)}")
+        raise UserError(f"run {run_dir} has not been extracted; run {extract_command(run_dir)}")
     try:
         if fileio.is_url(path):
             f = h5py.File(fileio.open_read(path), "r")
@@ -212,13 +218,13 @@ def open_features(run_dir: str, filename: str = FILENAME) -> h5py.File:
                 "finishes"
             ) from None
         raise CorruptFileError(
-            f"{path} is unreadable ({err}); rebuild it with {_run_hint(run_dir)} --overwrite"
+            f"{path} is unreadable ({err}); rebuild it with {extract_command(run_dir)} --overwrite"
         ) from None
     if f.attrs.get("format") != FORMAT or STEPS not in f:
         f.close()
         raise CorruptFileError(
             f"{path} is not a features file written by extract.py; rebuild it with "
-            f"{_run_hint(run_dir)} --overwrite"
+            f"{extract_command(run_dir)} --overwrite"
         )
     return f
 
@@ -339,6 +345,12 @@ def _names(f: h5py.File, path: str) -> list[str]:
 def param_names(f: h5py.File) -> list[str]:
     """Names of the extracted model entries (parameters and BatchNorm statistics), model order."""
     return _names(f, PARAMS)
+
+
+def param_layout(f: h5py.File) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Model entry name -> (shape without the step axis, stored dtype), model order."""
+    group = f.get(PARAMS)
+    return {n: (tuple(group[n].shape[1:]), group[n].dtype) for n in param_names(f)}
 
 
 def buffer_names(f: h5py.File) -> list[str]:

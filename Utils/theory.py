@@ -31,13 +31,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from Utils.groups import SymmetryGroup, group_sum, group_sum_np
-
-QUADRATIC_KINDS = ("scale", "rescale")
+from Utils.kinds import FAMILIES, spec
 
 # |z| = |gamma^2 - omega^2| dt^2 below which the near-critical series is used; its first
 # omitted term is z^5 / 3628800, far below float64 round-off at this threshold.
@@ -87,14 +87,15 @@ class Hyper:
         """Damping gamma and squared frequency omega^2 of the heavy-ball modified flow.
 
         Args:
-            kind: "translation" (omega^2 = 2 lam / (...)) or scale/rescale (4 lam / (...)).
+            kind: a kind of `Utils.kinds.KINDS`, or "quadratic"; its ``omega_factor`` gives
+                omega^2 = factor lam / (eta (1-delta)(1+beta)) (translation 2, scale/rescale 4).
 
         Returns:
             (gamma, omega2) with gamma = (1 - beta) / (eta (1-delta)(1+beta)).
         """
         denom = self.dt * (1.0 + self.momentum)
         gamma = (1.0 - self.momentum) / denom
-        factor = 2.0 if kind == "translation" else 4.0
+        factor = 4.0 if kind == "quadratic" else spec(kind).omega_factor
         return gamma, factor * self.weight_decay / denom
 
 
@@ -257,7 +258,7 @@ def paper_quadratic_step(
     if hp.momentum == 0:
         decay = math.exp(-2.0 * hp.weight_decay * hp.dt)
         return torch.add(x, forcing, alpha=hp.lr * hp.lr).mul_(decay), xdot
-    gamma, omega2 = hp.oscillator("scale")
+    gamma, omega2 = hp.oscillator("quadratic")
     kicked = torch.add(xdot, forcing, alpha=2.0 * hp.dt)
     return propagate_oscillator(x, kicked, gamma, omega2, hp.dt)
 
@@ -302,7 +303,8 @@ def step_matrix(
     step functions to unit vectors: the same arithmetic as the functions, no second derivation.
 
     Args:
-        kind: "translation" (no inputs), or "scale" / "rescale" / "quadratic".
+        kind: a kind of `Utils.kinds.KINDS` or a family ("translation", "quadratic"); the
+            kind's family decides the recursion (translation: no inputs).
         hp: this step's hyperparameters.
         has_buffer: whether a momentum buffer existed before this step.
         inputs: quadratic kinds: the input row feeding U, C and the forcing, in that order;
@@ -314,7 +316,8 @@ def step_matrix(
         float64 [4, 4 + k] with k the number of distinct inputs (0 for translation); rows and
         the first four columns in the order exact, carry, paper, paper_rate.
     """
-    if kind == "translation":
+    family = kind if kind in FAMILIES else spec(kind).family
+    if family == "translation":
         unit = torch.eye(4, dtype=torch.float64, device=device)  # unit[i][j]: component i of e_j
         s, m = exact_translation_step(unit[0], unit[1], hp, has_buffer)
         x, xdot = paper_translation_step(unit[2], unit[3], hp)
@@ -327,36 +330,30 @@ def step_matrix(
     return torch.stack([q, carry, x, xdot])  # [4, 4 + k]
 
 
-def measure(group: SymmetryGroup, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def measure(group: SymmetryGroup, values: Mapping[str, Any], lead: int = 0) -> Any:
     """The measured quantity a group's predictions are compared with, in float64.
 
-    Args:
-        group: the groups.
-        tensors: parameter name -> parameter (any float dtype, cast to float64 first).
-
-    Returns:
-        [group.size] float64: translation ``group_sum(theta)``; scale ``group_sum(theta^2)``
-        (sum over each group); rescale ``group_sum(theta^2)`` with the signs, i.e.
-        |theta_A1|^2 - |theta_A2|^2.
-    """
-    wide = {name: tensors[name].detach().to(torch.float64) for name in group.params}
-    if group.kind == "translation":
-        return group_sum(wide, group)
-    return group_sum({name: t * t for name, t in wide.items()}, group)
-
-
-def measure_np(group: SymmetryGroup, arrays: Mapping[str, np.ndarray], lead: int = 0) -> np.ndarray:
-    """NumPy twin of `measure` for stored parameters with `lead` leading (step) axes.
+    The quantity is the kind's (`Utils.kinds.KindSpec.term`): translation ``group_sum(theta)``;
+    scale ``group_sum(theta^2)`` (sum over each group); rescale ``group_sum(theta^2)`` with the
+    signs, i.e. |theta_A1|^2 - |theta_A2|^2. Compare it with a checkpoint's
+    ``ckpt["optimizer"]["theory"]["state"][group.key]["exact"]`` (or ``"paper"``), or with the
+    ``theory`` rows of features.h5.
 
     Args:
         group: the groups.
-        arrays: parameter name -> array [*lead_shape, *param_shape].
-        lead: number of leading axes to keep.
+        values: parameter name -> parameter, torch tensors (any float dtype, any device) or
+            numpy arrays [*lead_shape, *param_shape] (e.g. stored parameters with a step axis).
+        lead: number of leading axes to keep (numpy arrays only).
 
     Returns:
-        [*lead_shape, group.size] float64.
+        float64 [*lead_shape, group.size]: a torch tensor for torch inputs, else a numpy array.
     """
-    wide = {name: np.asarray(arrays[name], dtype=np.float64) for name in group.params}
-    if group.kind == "translation":
-        return group_sum_np(wide, group, lead=lead)
-    return group_sum_np({name: a * a for name, a in wide.items()}, group, lead=lead)
+    term = group.spec.term
+    first = values[group.members[0].param]
+    if hasattr(first, "detach"):  # torch tensors
+        if lead:
+            raise ValueError("measure keeps leading axes for numpy arrays only")
+        wide = {n: values[n].detach().to(dtype=torch.float64) for n in group.params}
+        return group_sum({n: term(t) for n, t in wide.items()}, group)
+    arrays = {n: np.asarray(values[n], dtype=np.float64) for n in group.params}
+    return group_sum_np({n: term(a) for n, a in arrays.items()}, group, lead=lead)

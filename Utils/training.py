@@ -26,16 +26,16 @@ from torch import nn
 
 from Utils import fileio
 from Utils.checkpoint import (
+    METRIC_NAMES,
     CheckpointWriter,
     latest_valid_checkpoint,
     rng_state,
     save_steps,
     set_rng_state,
 )
+from Utils.ckptread import UnsafeCheckpointError, safe_torch_load
 from Utils.distributed import DistContext, init_from_env, shutdown
 from Utils.errors import CorruptFileError, UsageError, UserError
-
-METRIC_NAMES = ("train_loss", "train_top1", "test_loss", "top1", "top5")
 
 
 class TrainingDivergedError(UserError):
@@ -334,7 +334,9 @@ def restore_weights(model: nn.Module, path: str, name: str = "") -> None:
     if not fileio.exists(path):
         raise UserError(f"--restore-path {path} does not exist; give a checkpoint file")
     try:
-        obj = fileio.torch_load(path)
+        obj = safe_torch_load(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception:
         raise CorruptFileError(f"--restore-path {path} is not a readable checkpoint") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None

@@ -29,83 +29,59 @@ Options:
 USAGE
 }
 
-dry_run=0
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 signal="TERM"
 force=0
 tpu=""
 zone=""
 repo="neural-mechanics"
-paths=()
-while [[ $# -gt 0 ]]; do
+nm_option() {
     case "$1" in
-        -h | --help)
-            usage
-            exit 0
-            ;;
-        --dry-run)
-            dry_run=1
-            shift
-            ;;
         --signal)
-            signal="${2:?--signal needs a value}"
-            shift 2
+            nm_need_value "$@"
+            signal="$2"
+            NM_SHIFT=2
             ;;
         --force)
             force=1
-            shift
+            NM_SHIFT=1
             ;;
         --tpu)
-            tpu="${2:?--tpu needs a value}"
-            shift 2
+            nm_need_value "$@"
+            tpu="$2"
+            NM_SHIFT=2
             ;;
         --zone)
-            zone="${2:?--zone needs a value}"
-            shift 2
+            nm_need_value "$@"
+            zone="$2"
+            NM_SHIFT=2
             ;;
         --repo)
-            repo="${2:?--repo needs a value}"
-            shift 2
-            ;;
-        -*)
-            echo "kill_all.sh: unknown option $1 (see --help)" >&2
-            exit 2
-            ;;
-        *)
-            paths+=("$1")
-            shift
+            nm_need_value "$@"
+            repo="$2"
+            NM_SHIFT=2
             ;;
     esac
-done
+}
+nm_parse_args "$@"
+paths=("${NM_ARGS[@]}")
 
 if ! [[ "$signal" =~ ^(SIG)?[A-Z0-9]+$ ]]; then
-    echo "kill_all.sh: --signal takes a signal name such as TERM or KILL, got '$signal'" >&2
-    exit 2
+    nm_usage_error "--signal takes a signal name such as TERM or KILL, got '$signal'"
 fi
-
-run() {
-    if [[ $dry_run -eq 1 ]]; then
-        printf '%q' "$1"
-        shift
-        printf ' %q' "$@"
-        printf '\n'
-    else
-        "$@"
-    fi
-}
 
 if [[ -n "$tpu" ]]; then
     if [[ -z "$zone" ]]; then
-        echo "kill_all.sh: --tpu needs --zone" >&2
-        exit 2
+        nm_usage_error "--tpu needs --zone"
     fi
-    remote="cd $(printf '%q' "$repo") && scripts/kill_all.sh --signal $signal"
+    remote_args=(--signal "$signal")
     if [[ $force -eq 1 ]]; then
-        remote+=" --force"
+        remote_args+=(--force)
     fi
-    for p in "${paths[@]}"; do
-        remote+=" $(printf '%q' "$p")"
-    done
-    run gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone" --worker=all "--command=$remote"
+    remote="cd $(nm_quote "$repo") && $(nm_quote scripts/kill_all.sh "${remote_args[@]}" "${paths[@]}")"
+    nm_run gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone" --worker=all "--command=$remote"
     exit 0
 fi
 
@@ -157,9 +133,9 @@ for f in "${pid_files[@]}"; do
     fi
     echo "$f: signalling process $pid and its children with SIG${signal#SIG}"
     for child in $(descendants "$pid"); do
-        run kill "-${signal#SIG}" "$child" || true
+        nm_run kill "-${signal#SIG}" "$child" || true
     done
-    run kill "-${signal#SIG}" "$pid" || true
+    nm_run kill "-${signal#SIG}" "$pid" || true
     signalled=$((signalled + 1))
 done
 echo "kill_all.sh: $signalled process(es) signalled"

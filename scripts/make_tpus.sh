@@ -27,71 +27,46 @@ Example:
 USAGE
 }
 
-dry_run=0
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 version="tpu-ubuntu2204-base"
 project=""
 spot=0
-positional=()
-while [[ $# -gt 0 ]]; do
+nm_option() {
     case "$1" in
-        -h | --help)
-            usage
-            exit 0
-            ;;
-        --dry-run)
-            dry_run=1
-            shift
-            ;;
         --version)
-            version="${2:?--version needs a value}"
-            shift 2
+            nm_need_value "$@"
+            version="$2"
+            NM_SHIFT=2
             ;;
         --project)
-            project="${2:?--project needs a value}"
-            shift 2
+            nm_need_value "$@"
+            project="$2"
+            NM_SHIFT=2
             ;;
         --spot)
             spot=1
-            shift
-            ;;
-        -*)
-            echo "make_tpus.sh: unknown option $1 (see --help)" >&2
-            exit 2
-            ;;
-        *)
-            positional+=("$1")
-            shift
+            NM_SHIFT=1
             ;;
     esac
-done
+}
+nm_parse_args "$@"
 
-if [[ ${#positional[@]} -lt 3 || ${#positional[@]} -gt 4 ]]; then
-    echo "make_tpus.sh: expected NAME ZONE TYPE [COUNT] (see --help)" >&2
-    exit 2
+if [[ ${#NM_ARGS[@]} -lt 3 || ${#NM_ARGS[@]} -gt 4 ]]; then
+    nm_usage_error "expected NAME ZONE TYPE [COUNT] (see --help)"
 fi
-name="${positional[0]}"
-zone="${positional[1]}"
-type="${positional[2]}"
-count="${positional[3]:-1}"
+name="${NM_ARGS[0]}"
+zone="${NM_ARGS[1]}"
+type="${NM_ARGS[2]}"
+count="${NM_ARGS[3]:-1}"
 if ! [[ "$count" =~ ^[1-9][0-9]*$ ]]; then
-    echo "make_tpus.sh: COUNT must be a positive integer, got '$count'" >&2
-    exit 2
+    nm_usage_error "COUNT must be a positive integer, got '$count'"
 fi
 if ! [[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]]; then
-    echo "make_tpus.sh: NAME must be lower-case letters, digits and dashes, got '$name'" >&2
-    exit 2
+    # Google Cloud's rule for VM names (stricter than the run-name rule)
+    nm_usage_error "NAME must be lower-case letters, digits and dashes, got '$name'"
 fi
-
-run() {
-    if [[ $dry_run -eq 1 ]]; then
-        printf '%q' "$1"
-        shift
-        printf ' %q' "$@"
-        printf '\n'
-    else
-        "$@"
-    fi
-}
 
 extra=()
 if [[ -n "$project" ]]; then
@@ -111,7 +86,7 @@ else
 fi
 
 for vm in "${names[@]}"; do
-    run gcloud compute tpus tpu-vm create "$vm" \
+    nm_run gcloud compute tpus tpu-vm create "$vm" \
         "--zone=$zone" "--accelerator-type=$type" "--version=$version" "${extra[@]}"
 done
 

@@ -31,89 +31,63 @@ Examples:
 USAGE
 }
 
-dry_run=0
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 dest_root="results"
 tpu=""
 zone=""
 worker=0
 project=""
 no_ckpt=0
-positional=()
-while [[ $# -gt 0 ]]; do
+nm_option() {
     case "$1" in
-        -h | --help)
-            usage
-            exit 0
-            ;;
-        --dry-run)
-            dry_run=1
-            shift
-            ;;
         --dest)
-            dest_root="${2:?--dest needs a value}"
-            shift 2
+            nm_need_value "$@"
+            dest_root="$2"
+            NM_SHIFT=2
             ;;
         --tpu)
-            tpu="${2:?--tpu needs a value}"
-            shift 2
+            nm_need_value "$@"
+            tpu="$2"
+            NM_SHIFT=2
             ;;
         --zone)
-            zone="${2:?--zone needs a value}"
-            shift 2
+            nm_need_value "$@"
+            zone="$2"
+            NM_SHIFT=2
             ;;
         --worker)
-            worker="${2:?--worker needs a value}"
-            shift 2
+            nm_need_value "$@"
+            worker="$2"
+            NM_SHIFT=2
             ;;
         --project)
-            project="${2:?--project needs a value}"
-            shift 2
+            nm_need_value "$@"
+            project="$2"
+            NM_SHIFT=2
             ;;
         --no-checkpoints)
             no_ckpt=1
-            shift
-            ;;
-        -*)
-            echo "sync_gcloud.sh: unknown option $1 (see --help)" >&2
-            exit 2
-            ;;
-        *)
-            positional+=("$1")
-            shift
+            NM_SHIFT=1
             ;;
     esac
-done
-
-if [[ ${#positional[@]} -lt 2 || ${#positional[@]} -gt 3 ]]; then
-    echo "sync_gcloud.sh: expected SAVE_DIR EXPERIMENT [EXPID] (see --help)" >&2
-    exit 2
-fi
-save_dir="${positional[0]%/}"
-run_path="${positional[1]}"
-if [[ ${#positional[@]} -eq 3 ]]; then
-    run_path="$run_path/${positional[2]}"
-fi
-for part in "${positional[@]:1}"; do
-    if [[ -z "$part" || "$part" == *"/"* || "$part" == "." || "$part" == ".." ]]; then
-        echo "sync_gcloud.sh: EXPERIMENT and EXPID must be plain names, got '$part'" >&2
-        exit 2
-    fi
-done
-if ! [[ "$worker" =~ ^[0-9]+$ ]]; then
-    echo "sync_gcloud.sh: --worker must be a number, got '$worker'" >&2
-    exit 2
-fi
-
-run() {
-    if [[ $dry_run -eq 1 ]]; then
-        printf '%q' "$1"
-        shift
-        printf ' %q' "$@"
-        printf '\n'
-    else
-        "$@"
-    fi
 }
+nm_parse_args "$@"
+
+if [[ ${#NM_ARGS[@]} -lt 2 || ${#NM_ARGS[@]} -gt 3 ]]; then
+    nm_usage_error "expected SAVE_DIR EXPERIMENT [EXPID] (see --help)"
+fi
+save_dir="${NM_ARGS[0]%/}"
+nm_check_name EXPERIMENT "${NM_ARGS[1]}"
+run_path="${NM_ARGS[1]}"
+if [[ ${#NM_ARGS[@]} -eq 3 ]]; then
+    nm_check_name EXPID "${NM_ARGS[2]}"
+    run_path="$run_path/${NM_ARGS[2]}"
+fi
+if ! [[ "$worker" =~ ^[0-9]+$ ]]; then
+    nm_usage_error "--worker must be a number, got '$worker'"
+fi
 
 source_path="$save_dir/$run_path"
 dest="$dest_root/$run_path"
@@ -124,35 +98,37 @@ fi
 
 if [[ -z "$tpu" ]]; then
     if [[ "$save_dir" != gs://* ]]; then
-        echo "sync_gcloud.sh: SAVE_DIR must be a gs:// URL, or pass --tpu NAME --zone ZONE" >&2
-        exit 2
+        nm_usage_error "SAVE_DIR must be a gs:// URL, or pass --tpu NAME --zone ZONE"
     fi
     flags=(--recursive)
     if [[ $no_ckpt -eq 1 ]]; then
         flags+=("--exclude=(^|.*/)ckpt/.*")
     fi
-    run mkdir -p "$dest"
-    run gcloud storage rsync "${flags[@]}" "${extra[@]}" "$source_path" "$dest"
+    nm_run mkdir -p "$dest"
+    nm_run gcloud storage rsync "${flags[@]}" "${extra[@]}" "$source_path" "$dest"
     exit 0
 fi
 
 if [[ -z "$zone" ]]; then
-    echo "sync_gcloud.sh: --tpu needs --zone" >&2
-    exit 2
+    nm_usage_error "--tpu needs --zone"
+fi
+if ! [[ "$save_dir" =~ ^[A-Za-z0-9._/~+-]+$ ]]; then
+    # scp hands remote paths to a shell on the VM: only plain path characters
+    nm_usage_error "with --tpu, SAVE_DIR must be a plain path (letters, digits, . _ / ~ + -), got '$save_dir'"
 fi
 parent="$(dirname "$dest")"
 leaf="$(basename "$run_path")"
-run mkdir -p "$parent"
+nm_run mkdir -p "$parent"
 if [[ $no_ckpt -eq 1 ]]; then
     archive="/tmp/nm-sync-$leaf.tar"
-    remote="tar -C $(printf '%q' "$(dirname "$source_path")") --exclude=ckpt -cf $archive $(printf '%q' "$leaf")"
-    run gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone" "--worker=$worker" "${extra[@]}" \
+    remote="$(nm_quote tar -C "$(dirname "$source_path")" --exclude=ckpt -cf "$archive" "$leaf")"
+    nm_run gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone" "--worker=$worker" "${extra[@]}" \
         "--command=$remote"
-    run gcloud compute tpus tpu-vm scp "$tpu:$archive" "$parent/" "--zone=$zone" \
+    nm_run gcloud compute tpus tpu-vm scp "$tpu:$archive" "$parent/" "--zone=$zone" \
         "--worker=$worker" "${extra[@]}"
-    run tar -C "$parent" -xf "$parent/$(basename "$archive")"
-    run rm -f "$parent/$(basename "$archive")"
+    nm_run tar -C "$parent" -xf "$parent/$(basename "$archive")"
+    nm_run rm -f "$parent/$(basename "$archive")"
 else
-    run gcloud compute tpus tpu-vm scp --recurse "$tpu:$source_path" "$parent/" \
+    nm_run gcloud compute tpus tpu-vm scp --recurse "$tpu:$source_path" "$parent/" \
         "--zone=$zone" "--worker=$worker" "${extra[@]}"
 fi

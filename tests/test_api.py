@@ -118,7 +118,7 @@ def test_detect_groups_finds_all_kinds_and_leaves_no_trace():
     rng = torch.get_rng_state()
     model.eval()
     groups = detect_groups(model, x, y)
-    assert sorted(g.kind for g in groups) == ["rescale", "scale", "translation"]
+    assert {g.kind for g in groups} == {"rescale", "scale", "translation"}
     assert all(g.valid for g in groups)
     assert not model.training
     assert torch.equal(torch.get_rng_state(), rng)

@@ -7,6 +7,7 @@ theory state included. One test trains with train.py's library entry point.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -34,11 +35,12 @@ from Utils.checkpoint import (
     load_checkpoint,
     rng_state,
 )
+from Utils.ckptread import read_arrays
 from Utils.errors import CorruptFileError, UserError
 from Utils.extraction import (
+    LOCK_NAME,
     extract_run,
     measure_throughput,
-    read_checkpoint_arrays,
     theory_arrays,
 )
 from Utils.groups import groups_from_json
@@ -291,7 +293,7 @@ def test_array_reader_matches_torch_load(tmp_path):
     }
     path = tmp_path / "c.pt"
     torch.save(payload, path)
-    got = read_checkpoint_arrays(str(path))
+    got = read_arrays(str(path))
     assert got["step"] == 3
     for name, tensor in payload["model"].items():
         want = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
@@ -630,3 +632,49 @@ def test_train_run_rows_align_with_the_theory(tmp_path):
             np.testing.assert_allclose(
                 storage.read_theory(f, g.key, "initial")[0], measured[0], rtol=1e-6, atol=1e-9
             )
+
+
+# ----------------------------------------------------------------------------- two at once
+
+
+def test_a_second_extraction_of_the_same_run_says_another_is_running(base_run, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    with open(os.path.join(run, LOCK_NAME), "w") as held:  # as a running extract.py holds it
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = run_extract(*cli(run))
+    assert busy.returncode == 1
+    line = one_line_error(busy.stderr)
+    assert "another extract.py" in line and "4242" in line and run in line
+    assert not os.path.exists(storage.features_path(run))
+    assert run_extract(*cli(run)).returncode == 0  # the lock is gone with its holder
+
+
+@pytest.mark.slow
+def test_two_extractions_at_once_never_both_fail(tmp_path):
+    run = build_run(tmp_path / "r", "a", list(range(0, 40)), width=128)
+    reference = copy_run(run, tmp_path / "ref")
+    extract_run(reference, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for flags in ([], ["--overwrite"]):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "extract.py"), *cli(run), "--no-progress", *flags],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        assert any(code == 0 for code, _ in results), results
+        for code, err in results:
+            if code:
+                assert "another extract.py" in one_line_error(err), err
+        assert_same_features(features_of(reference), features_of(run))

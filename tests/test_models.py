@@ -204,6 +204,7 @@ def test_torchvision_models_honour_num_classes(name: str) -> None:
         ("imagenet", "resnet18", (1, 28, 28), "expects RGB"),
         ("torchvision", "mobilenet_v2", (3, 40), "expects RGB"),
         ("torchvision", "inception_v3", (3, 32, 32), "at least 75x75"),
+        ("torchvision", "alexnet", (3, 62, 62), "at least 63x63"),
         ("torchvision", "vit_b_16", (3, 40, 40), "patch size"),
     ],
 )
@@ -213,6 +214,19 @@ def test_torchvision_classes_reject_unusable_inputs(
     with pytest.raises(UsageError, match=match) as err:
         get_model(name, model_class, input_shape, 10)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "inception_v3"])
+def test_min_sizes_are_the_smallest_that_run(name: str) -> None:
+    """MIN_SIZES is the smallest side that runs (alexnet: 63 px, issue 13)."""
+    from Models.imagenet import MIN_SIZES
+
+    side = MIN_SIZES[name]
+    model = get_model(name, "torchvision", (3, side, side), 4).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, side, side)).shape == (1, 4)
+        with pytest.raises(RuntimeError):
+            model(torch.randn(1, 3, side - 1, side - 1))
 
 
 def test_unknown_names_list_the_valid_ones() -> None:

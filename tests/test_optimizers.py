@@ -12,8 +12,8 @@ from torch import nn
 
 from Utils import theory
 from Utils.errors import CorruptFileError, UnknownNameError, UsageError
-from Utils.groups import Member, SymmetryGroup, group_sum
-from Utils.optimizers import BUFFERS, LAMB, OPTIMIZERS, TrackingSGD, _Reducer, build_optimizer
+from Utils.groups import Member, Reducer, SymmetryGroup, group_sum, group_sum_np
+from Utils.optimizers import BUFFERS, LAMB, OPTIMIZERS, TrackingSGD, build_optimizer
 
 SGD_CONFIGS = {
     "plain": {},
@@ -294,13 +294,33 @@ def test_reducer_equals_group_sum():
         SymmetryGroup("rescale", "odd", 4, (Member("d", 0, offset=0), Member("c", 0, sign=-1))),
     ]
     x = {n: torch.randn(3, *s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
-    reducer = _Reducer(groups, {n: len(s) for n, s in shapes.items()})
+    reducer = Reducer(groups, {n: len(s) for n, s in shapes.items()})
     stacked = reducer(x)  # [3, total]
     single = reducer({n: t[1] for n, t in x.items()})  # [total]
-    for row in range(3):
-        want = torch.cat([group_sum({n: t[row] for n, t in x.items()}, g) for g in groups])
-        torch.testing.assert_close(stacked[row], want, rtol=1e-14, atol=1e-14)
+    arrays = {n: t.numpy() for n, t in x.items()}
+    want = np.concatenate([group_sum_np(arrays, g, lead=1) for g in groups], axis=-1)  # [3, total]
+    np.testing.assert_allclose(stacked.numpy(), want, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(single, stacked[1], rtol=0, atol=0)
+    for row in range(3):
+        one = torch.cat([group_sum({n: t[row] for n, t in x.items()}, g) for g in groups])
+        np.testing.assert_allclose(one.numpy(), want[row], rtol=1e-14, atol=1e-14)
+
+
+def test_reducer_accumulates_float32_in_float64():
+    """Issue 13: float32 products are summed in float64 (a float32 sum is off by ~1e-8)."""
+    gen = torch.Generator().manual_seed(1)
+    x = {"w": torch.rand(3, 200_000, generator=gen) + 0.5, "b": torch.rand(3, generator=gen)}
+    group = SymmetryGroup("scale", "w", 3, (Member("w", 0), Member("b", 0)))
+    reducer = Reducer([group], {"w": 2, "b": 1})
+    wide = {n: t.double() for n, t in x.items()}
+    want = wide["w"].sum(dim=1) + wide["b"]  # [3] exact sums of the float32 values
+    got = reducer(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    squares = reducer.squares(x)
+    want_sq = (wide["w"] ** 2).sum(dim=1) + wide["b"] ** 2
+    torch.testing.assert_close(squares, want_sq, rtol=1e-13, atol=0)
+    torch.testing.assert_close(group_sum(x, group), want, rtol=1e-13, atol=0)
 
 
 def make_run(buffers=("grad", "update", "sgd", "mom")):

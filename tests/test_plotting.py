@@ -1,4 +1,4 @@
-"""plot.py and Utils.plotting: every figure kind from cache files, run selection, errors, sweep.
+"""plot.py and Utils.figures: every figure kind from cache files, run selection, errors, sweep.
 
 Two sets of runs:
 
@@ -24,7 +24,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from Utils import plotting
+from Utils import figures as plotting
 from Utils.errors import UnknownNameError, UserError
 from Utils.metrics.io import CacheWriter, cache_path
 

@@ -15,7 +15,14 @@ from torch import nn
 
 from Utils.errors import UnknownNameError, UserError
 from Utils.groups import Member, SymmetryGroup, groups_from_json, groups_to_json
-from Utils.symmetry import default_tol, detect, find_groups, loss_fn, verify_groups
+from Utils.symmetry import (
+    default_tol,
+    detect,
+    find_groups,
+    loss_fn,
+    skipped_layers,
+    verify_groups,
+)
 
 F64 = torch.float64
 
@@ -106,9 +113,16 @@ def test_all_kinds_structure():
     assert list(groups) == [
         "translation/fc2",
         "scale/conv1",
+        "rescale/bn1->conv2",
         "rescale/conv2->fc1",
         "rescale/fc1->fc2",
     ]
+    assert groups["rescale/bn1->conv2"].members == (
+        Member("bn1.weight"),
+        Member("bn1.bias"),
+        Member("conv2.weight", dim=1, sign=-1),
+    )
+    assert groups["rescale/bn1->conv2"].meta["structure"] == "norm-affine"
     assert groups["translation/fc2"].size == 5
     assert groups["translation/fc2"].members == (
         Member("fc2.weight", dim=1),
@@ -249,7 +263,7 @@ def test_conv_bn_scale_one_group_per_channel():
     )
     x, y = _batch((2, 4, 4), classes=2)
     groups = _by_key(detect(model, x, y))
-    assert list(groups) == ["translation/7", "scale/0", "scale/3"]
+    assert list(groups) == ["translation/7", "scale/0", "scale/3", "rescale/1->3"]
     assert groups["scale/0"].size == 4
     assert groups["scale/0"].members == (Member("0.weight"), Member("0.bias"))
     assert groups["scale/3"].size == 3
@@ -257,6 +271,9 @@ def test_conv_bn_scale_one_group_per_channel():
     assert groups["scale/3"].meta == {
         "eps": 1e-5,
         "norm": "4",
+        "norm_type": "BatchNorm2d",
+        "structure": "batchnorm",
+        "cause": "eps",
         "eps_residual": pytest.approx(0, abs=1e-12),
     }
     assert all(g.valid for g in groups.values())
@@ -266,7 +283,7 @@ def test_linear_batchnorm1d_scale():
     model = _seq(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
     x, y = _batch((5,))
     groups = _by_key(detect(model, x, y))
-    assert list(groups) == ["translation/3", "scale/0"]
+    assert list(groups) == ["translation/3", "scale/0", "rescale/1->3"]
     assert groups["scale/0"].size == 6
 
 
@@ -303,7 +320,7 @@ def test_conv3d_variant():
     )
     x, y = _batch((1, 4, 4, 4), classes=2)
     groups = _by_key(detect(model, x, y))
-    assert list(groups) == ["translation/8", "scale/0", "rescale/3->8"]
+    assert list(groups) == ["translation/8", "scale/0", "rescale/1->3", "rescale/3->8"]
     assert groups["rescale/3->8"].members[-1] == Member("8.weight", dim=1, block=8, sign=-1)
     assert groups["scale/0"].size == 2
     assert all(g.valid for g in groups.values())
@@ -432,7 +449,7 @@ def test_mse_has_no_translation_and_verifies():
     assert checked.valid and checked.violation < 1e-10
 
 
-def test_depthwise_conv_only_as_incoming_layer():
+def test_depthwise_conv_on_both_sides():
     model = _seq(
         nn.Conv2d(2, 4, 1),
         nn.ReLU(),
@@ -445,7 +462,8 @@ def test_depthwise_conv_only_as_incoming_layer():
     )
     x, y = _batch((2, 4, 4), classes=2)
     groups = _by_key(detect(model, x, y))
-    assert list(groups) == ["translation/7", "rescale/2->4", "rescale/4->7"]
+    assert list(groups) == ["translation/7", "rescale/0->2", "rescale/2->4", "rescale/4->7"]
+    assert groups["rescale/0->2"].members[-1] == Member("2.weight", dim=0, block=1, sign=-1)
     assert groups["rescale/4->7"].members[-1].block == 16
     assert all(g.valid and g.violation < 1e-10 for g in groups.values())
 
@@ -465,6 +483,11 @@ def test_shared_and_tied_weights_are_skipped():
     tied = _seq(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     tied[2].weight = tied[0].weight
     assert find_groups(tied, x) == []
+    assert skipped_layers(Reused().to(F64), x) == {"fc": "called 2 times (weights reused)"}
+    assert skipped_layers(tied, x) == {
+        "0": "its weight is tied to another module's parameter",
+        "2": "its weight is tied to another module's parameter",
+    }
 
 
 def test_dead_relu_group_counts_zero():
@@ -502,7 +525,7 @@ def test_verification_leaves_model_state_alone():
     torch.manual_seed(123)
     rng = torch.get_rng_state()
     groups = detect(model, x, y)
-    assert {g.key for g in groups} == {"translation/4", "scale/0"}
+    assert {g.key for g in groups} == {"translation/4", "scale/0", "rescale/1->4"}
     assert all(g.valid for g in groups)  # verified in train mode although the model is in eval
     assert not model.training and not model[1].training
     assert torch.equal(torch.get_rng_state(), rng)
@@ -520,8 +543,14 @@ def test_default_tolerance_and_float32():
     groups = detect(model32, x.float(), y)
     assert all(g.valid and g.violation < 1e-5 for g in groups)
     strict = verify_groups(model32, groups, x.float(), y, tol=0.0)
-    assert any(not g.valid for g in strict)
+    # above tol in float32, within tol in a float64 copy: valid, the cause named
+    assert all(g.valid and g.meta["cause"] == "round-off" for g in strict)
+    assert all(g.meta["float64_violation"] < 1e-12 for g in strict)
+    assert all("float32 round-off" in g.meta["note"] for g in strict)
     assert all(g.violation == h.violation for g, h in zip(groups, strict))
+    fake = SymmetryGroup("scale", "0", 5, (Member("0.weight"), Member("0.bias")))
+    (checked,) = verify_groups(model32, [fake], x.float(), y)
+    assert not checked.valid and "in float64" in checked.reason
 
 
 def test_groups_json_round_trip_keeps_verification():
@@ -618,7 +647,7 @@ def test_tinyimagenet_registry_models(name):
     _check_detected(groups, 1e-3)
     kinds = {g.kind for g in groups}
     assert "translation" in kinds
-    rescale = [g.name for g in groups if g.kind == "rescale"]
+    rescale = [g.name for g in groups if g.meta.get("structure") == "layer"]
     if name == "resnet18":
         assert rescale == []  # every conv feeds a BatchNorm or a residual sum
     if name == "resnet18-nobn":
@@ -647,9 +676,7 @@ def _sibling_conv_bn(model: nn.Module) -> dict[str, int]:
 @pytest.mark.parametrize(
     ("name", "last", "rescale"),
     [
-        ("resnet18", "fc", []),
         ("vgg11_bn", "classifier.6", ["classifier.0->classifier.3", "classifier.3->classifier.6"]),
-        ("mobilenet_v2", "classifier.1", []),
         ("densenet121", "classifier", []),
         ("efficientnet_b0", "classifier.1", []),
     ],
@@ -664,9 +691,73 @@ def test_torchvision_models(name, last, rescale):
     groups = detect(model, x, y)
     scale = {g.name: g.size for g in groups if g.kind == "scale"}
     assert scale == _sibling_conv_bn(model)
-    assert [g.name for g in groups if g.kind == "rescale"] == rescale
+    layer = [g.name for g in groups if g.meta["structure"] == "layer"]
+    assert layer == rescale
     assert [g.name for g in groups if g.kind == "translation"] == [last]
     _check_detected(groups, 1e-3)
+
+
+# (kind/structure -> (layers, units)) on the smallest input each model accepts (issue 13)
+TORCHVISION_COUNTS = {
+    "resnet18": (
+        32,
+        {
+            "translation/softmax": (1, 513),
+            "scale/batchnorm": (20, 4800),
+            "rescale/norm-affine": (8, 1920),
+        },
+    ),
+    "mobilenet_v2": (
+        32,
+        {
+            "translation/softmax": (1, 1281),
+            "scale/batchnorm": (52, 17056),
+            "rescale/norm-affine": (2, 336),
+        },
+    ),
+    "convnext_tiny": (
+        32,
+        {
+            "translation/softmax": (1, 769),
+            "scale/layernorm": (18, 18),
+            "rescale/norm-affine": (18, 6624),
+        },
+    ),
+    "vit_b_16": (224, {"translation/softmax": (1, 769), "rescale/norm-affine": (12, 9216)}),
+    "squeezenet1_0": (64, {"rescale/layer": (9, 416)}),
+    "swin_t": (
+        32,
+        {
+            "translation/softmax": (1, 769),
+            "scale/layernorm": (1, 1),
+            "rescale/norm-affine": (15, 7104),
+        },
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TORCHVISION_COUNTS))
+def test_torchvision_symmetry_counts_and_transformations(name):
+    """Issue 13: counts per kind and structure, and every group transformed leaves the
+    outputs unchanged (float64, eps ~0, all groups at once)."""
+    import torchvision
+
+    size, counts = TORCHVISION_COUNTS[name]
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    x = torch.randn(2, 3, size, size)
+    groups = find_groups(model, x)
+    found: dict[str, tuple[int, int]] = {}
+    for g in groups:
+        key = f"{g.kind}/{g.meta['structure']}"
+        layers, units = found.get(key, (0, 0))
+        found[key] = (layers + 1, units + g.size)
+    assert found == counts
+    if name == "squeezenet1_0":
+        fire = [g for g in groups if "+" in g.name]
+        assert len(fire) == 8 and sum(g.size for g in fire) == 320
+    _assert_symmetries(model, groups, x, each=False)
 
 
 # --------------------------------------------------------------------------- command line
@@ -703,3 +794,284 @@ def test_cli_table_json_and_errors(repo_root, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "nope" in bad.stderr and "vgg-demo" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------- transformations
+
+
+def _element_groups(member: Member, shape: tuple[int, ...]) -> torch.Tensor:
+    """The group index of every element of a member's parameter (int64, shaped like it)."""
+    if member.dim is None:
+        return torch.full(shape, member.offset, dtype=torch.int64)
+    dim = member.dim % len(shape)
+    along = torch.arange(shape[dim]) // member.block + member.offset  # [shape[dim]]
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    return along.reshape(view).expand(shape)
+
+
+def _transformed(model: nn.Module, group: SymmetryGroup, seed: int) -> nn.Module:
+    """A copy of `model` with the group's symmetry applied, a random factor per neuron.
+
+    Translation: theta_A + c_A; scale and rescale: theta_A1 * alpha_A, theta_A2 / alpha_A.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    params = dict(out.named_parameters())
+    shift = torch.randn(group.size, generator=gen, dtype=F64)  # [size]
+    factor = torch.exp(torch.randn(group.size, generator=gen, dtype=F64) * 0.5)  # [size]
+    with torch.no_grad():
+        for member in group.members:
+            p = params[member.param]
+            index = _element_groups(member, tuple(p.shape))
+            if group.spec.family == "translation":
+                p.add_(shift[index])
+            else:
+                p.mul_(factor[index] ** member.sign)
+    return out
+
+
+def _exact(model: nn.Module) -> nn.Module:
+    """A float64 copy whose normalisation eps are ~0 (their symmetries are then exact)."""
+    model = copy.deepcopy(model).double().train()
+    for m in model.modules():
+        if hasattr(m, "eps"):
+            m.eps = 1e-30
+    return model
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """log_softmax of the outputs (a translation shifts logits by a per-sample constant)."""
+    torch.manual_seed(0)  # the same dropout masks every time
+    with torch.no_grad():
+        return torch.log_softmax(model(x), dim=-1)
+
+
+def _assert_symmetries(model: nn.Module, groups, x: torch.Tensor, each: bool = True) -> None:
+    """Every group, transformed, leaves the outputs unchanged to 1e-10 (float64, eps ~0)."""
+    model = _exact(model)
+    x = x.double()
+    want = _outputs(model, x)
+    scale = float(want.abs().max())
+    todo = [[g] for g in groups] if each else [list(groups)]
+    for seed, batch in enumerate(todo):
+        changed = model
+        for group in batch:
+            changed = _transformed(changed, group, seed)
+        diff = float((_outputs(changed, x) - want).abs().max()) / scale
+        assert diff <= 1e-10, ([g.key for g in batch], diff)
+
+
+class _Branches(nn.Module):
+    """A squeezenet Fire module: one squeeze conv feeding two expand convs, concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(3, 4, 1)
+        self.expand1 = nn.Conv2d(4, 5, 1)
+        self.expand3 = nn.Conv2d(4, 5, 3, padding=1)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.relu(self.squeeze(x))  # [B, 4, H, W]
+        x = torch.cat([F.relu(self.expand1(s)), F.relu(self.expand3(s))], 1)  # [B, 10, H, W]
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))  # [B, 3]
+
+
+class _ChannelsLast(nn.Module):
+    """A ConvNeXt block: depthwise conv -> permute -> LayerNorm -> Linear -> GELU -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.norm = nn.LayerNorm(4)
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(torch.permute(self.dw(x), (0, 2, 3, 1)))  # [B, H, W, 4]
+        y = self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)  # [B, 4, H, W]
+        return self.head((x + y).mean(dim=(2, 3)))  # [B, 3]
+
+
+class _LogSoftmax(nn.Module):
+    """A classifier ending in functional log_softmax (trained with nll)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc2(torch.relu(self.fc1(x))), dim=1)
+
+
+def _symmetric_cases():
+    """(name, model, input shape, loss, the keys that must be reported)."""
+    torch.manual_seed(0)
+    yield (
+        "batchnorm2d",
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(48, 3),
+        ),
+        (2, 4, 4),
+        "ce",
+        {"translation/6", "scale/0", "rescale/1->3", "rescale/3->6"},
+    )
+    yield (
+        "batchnorm1d",
+        nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)),
+        (5,),
+        "ce",
+        {"translation/3", "scale/0", "rescale/1->3"},
+    )
+    yield (
+        "groupnorm",
+        nn.Sequential(
+            nn.Conv2d(2, 6, 3, padding=1),
+            nn.GroupNorm(3, 6),
+            nn.ReLU(),
+            nn.Conv2d(6, 3, 1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(3, 3),
+        ),
+        (2, 4, 4),
+        "ce",
+        {"translation/7", "scale/0", "rescale/1->3", "rescale/3->7"},
+    )
+    yield (
+        "instancenorm",
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.InstanceNorm2d(4, affine=True),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 3, 1),
+            nn.Flatten(),
+            nn.Linear(12, 3),
+        ),
+        (2, 4, 4),
+        "ce",
+        {"translation/6", "scale/0", "rescale/1->4", "rescale/4->6"},
+    )
+    yield (
+        "layernorm",
+        nn.Sequential(
+            nn.Linear(5, 6), nn.LayerNorm(6), nn.ReLU(), nn.Dropout(0.2), nn.Linear(6, 3)
+        ),
+        (5,),
+        "ce",
+        {"translation/4", "scale/0", "rescale/1->4"},
+    )
+    yield (
+        "depthwise",
+        nn.Sequential(
+            nn.Conv2d(2, 4, 1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 8, 3, padding=1, groups=4),
+            nn.ReLU(),
+            nn.Conv2d(8, 3, 1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(48, 3),
+        ),
+        (2, 4, 4),
+        "ce",
+        {"translation/8", "scale/0", "rescale/1->3", "rescale/3->5", "rescale/5->8"},
+    )
+    yield (
+        "branches",
+        _Branches(),
+        (3, 4, 4),
+        "ce",
+        {"translation/head", "rescale/squeeze->expand1+expand3"},
+    )
+    yield (
+        "channels-last-layernorm",
+        _ChannelsLast(),
+        (4, 3, 3),
+        "ce",
+        {"translation/head", "scale/dw", "rescale/norm->fc1"},
+    )
+    yield ("log_softmax", _LogSoftmax(), (4,), "nll", {"translation/fc2", "rescale/fc1->fc2"})
+    yield (
+        "LogSoftmax-mse",
+        nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=-1)),
+        (4,),
+        "mse",
+        {"translation/0"},
+    )
+
+
+@pytest.mark.parametrize("case", list(_symmetric_cases()), ids=lambda c: c[0])
+def test_every_known_symmetry_is_reported_and_exact(case):
+    """Issue 13: each reported group is a symmetry (transformed: outputs unchanged to 1e-10),
+    and every known symmetry of the module is reported, for every kind and norm type."""
+    _, model, shape, loss, keys = case
+    model = model.to(F64)
+    x, y = _batch(shape)
+    if loss == "mse":
+        y = torch.randn(len(x), 3, dtype=F64)
+    groups = detect(model, x, y, loss)
+    assert {g.key for g in groups} == keys
+    assert all(g.valid for g in groups), [(g.key, g.reason) for g in groups if not g.valid]
+    _assert_symmetries(model, groups, x)
+
+
+def test_false_groups_change_the_outputs():
+    """The transformation check itself: groups that are not symmetries are caught."""
+    model = _seq(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, _ = _batch((4,))
+    false = [
+        SymmetryGroup("scale", "0", 5, (Member("0.weight"), Member("0.bias"))),
+        SymmetryGroup("translation", "0", 4, (Member("0.weight", dim=1),)),
+        SymmetryGroup("rescale", "0->2", 5, (Member("0.weight"), Member("2.weight", dim=1))),
+    ]
+    for group in false:
+        with pytest.raises(AssertionError):
+            _assert_symmetries(model, [group], x)
+
+
+def test_eps_residual_round_off_is_named():
+    """Issue 13: an eps residual above tol in float32 but at round-off in float64 is named
+    float32 round-off, with the float64 figure; a real eps violation keeps its own reason."""
+    model = _seq(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 2))
+    x, y = _batch((2, 4, 4), classes=2)
+    model32 = copy.deepcopy(model).float()
+    groups = find_groups(model32, x.float())
+    (scale,) = verify_groups(
+        model32, [g for g in groups if g.kind == "scale"], x.float(), y, tol=1e-12
+    )
+    assert scale.valid and scale.meta["cause"] == "round-off"
+    assert scale.meta["eps_residual"] > 1e-12 > scale.meta["float64_eps_residual"]
+    assert "float32 round-off" in scale.meta["note"] and "float64" in scale.meta["note"]
+    (exact,) = verify_groups(model32, [g for g in groups if g.kind == "scale"], x.float(), y)
+    assert exact.valid and exact.meta["cause"] == "eps" and "note" not in exact.meta
+
+
+def test_kinds_list_on_the_command_line(repo_root):
+    out = subprocess.run(
+        [sys.executable, "-m", "Utils.symmetry", "--kinds"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    from Utils.kinds import KINDS
+
+    for spec in KINDS.values():
+        for structure in spec.structures:
+            assert any(
+                line.split()[:2] == [spec.name, structure.name] for line in out.stdout.splitlines()
+            )

@@ -491,3 +491,106 @@ def test_long_momentum_run_stays_finite():
     measured = theory.measure(groups[0], dict(model.named_parameters())).numpy()
     paper = snap["rescale/0->2"]["paper"]
     assert np.abs(paper).max() < 1e3 * (np.abs(measured).max() + 1)
+
+
+class NewSymmetries(nn.Module):
+    """Every structure of issue 13 in one small network on x [B, 1, 8, 8].
+
+    conv -> GroupNorm (per-group scale) -> ReLU -> squeeze -> ReLU -> two expand convs (one
+    rescale into several consumers; the GroupNorm affine into squeeze) -> cat -> conv2 ->
+    InstanceNorm (per-channel scale; its affine into a depthwise conv) -> depthwise conv ->
+    pool -> flatten -> LayerNorm (whole-layer scale; its affine into fc) -> ReLU -> fc ->
+    log_softmax (translation, trained with nll).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.gn = nn.GroupNorm(2, 4, eps=EPS_BN)
+        self.squeeze = nn.Conv2d(4, 3, 1)
+        self.expand1 = nn.Conv2d(3, 2, 1)
+        self.expand3 = nn.Conv2d(3, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.inorm = nn.InstanceNorm2d(4, affine=True, eps=EPS_BN)
+        self.dw = nn.Conv2d(4, 8, 3, groups=4)
+        self.ln = nn.LayerNorm(8, eps=EPS_BN)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.squeeze(torch.relu(self.gn(self.conv(x)))))  # [B, 3, 6, 6]
+        x = torch.cat([torch.relu(self.expand1(s)), torch.relu(self.expand3(s))], 1)
+        x = self.dw(torch.relu(self.inorm(self.conv2(x))))  # [B, 8, 4, 4]
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # [B, 8]
+        return nn.functional.log_softmax(self.fc(torch.relu(self.ln(x))), dim=1)  # [B, 3]
+
+
+NEW_KEYS = {
+    "translation/fc",
+    "scale/conv",
+    "scale/conv2",
+    "scale/dw",
+    "rescale/gn->squeeze",
+    "rescale/squeeze->expand1+expand3",
+    "rescale/inorm->dw",
+    "rescale/ln->fc",
+}
+
+
+def train_new(dtype: torch.dtype, steps: int = 300) -> dict[str, float]:
+    """Trains `NewSymmetries` (heavy ball, wd, lr drop) on its detected groups (nll loss).
+
+    Returns:
+        key -> max relative error of the exact theory over the recorded steps.
+    """
+    from Utils.symmetry import find_groups
+
+    torch.manual_seed(0)
+    model = NewSymmetries().to(dtype)
+    x = torch.randn(64, 1, 8, 8, dtype=dtype)
+    labels = torch.randint(0, 3, (64,))
+    groups = find_groups(model, x, "nll")
+    assert {g.key for g in groups} == NEW_KEYS
+    config = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-3}
+    opt = build_optimizer("custom_sgd", list(model.named_parameters()), groups=groups, **config)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [steps // 2], 0.1)
+    params = dict(model.named_parameters())
+    errors = {g.key: 0.0 for g in groups}
+    for k in range(steps + 1):
+        if k % 50 == 0 or k == steps:
+            snap = opt.theory_snapshot()
+            for g in groups:
+                diff = np.abs(theory.measure(g, params).numpy() - snap[g.key]["exact"])
+                errors[g.key] = max(errors[g.key], float((diff / magnitude(g, params)).max()))
+        if k == steps:
+            break
+        idx = torch.arange(16 * k, 16 * k + 16) % 64
+        opt.zero_grad()
+        nn.functional.nll_loss(model(x[idx]), labels[idx]).backward()
+        opt.step()
+        sched.step()
+    assert all(g.valid for g in opt.groups)
+    assert all(np.isfinite(s["paper"]).all() for s in opt.theory_snapshot().values())
+    return errors
+
+
+def test_exact_theory_of_new_groups_float64():
+    """Issue 13: the exact theory of every new structure within 1e-12 of a float64 run."""
+    errors = train_new(torch.float64)
+    assert max(errors.values()) <= 1e-12, errors
+
+
+def test_exact_theory_of_new_groups_float32():
+    errors = train_new(torch.float32)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_public_measure_torch_and_numpy_agree():
+    """`theory.measure` takes torch tensors or numpy arrays with a step axis."""
+    torch.manual_seed(0)
+    model = TwoBranch().double()
+    params = dict(model.named_parameters())
+    for g in hand_groups():
+        one = theory.measure(g, params).numpy()  # [size]
+        stacked = {n: np.stack([p.detach().numpy()] * 2) for n, p in params.items()}
+        two = theory.measure(g, stacked, lead=1)  # [2, size]
+        np.testing.assert_allclose(two, np.stack([one, one]), rtol=1e-15, atol=1e-15)

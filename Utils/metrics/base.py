@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import h5py
 import numpy as np
 
 from Utils.errors import UnknownNameError
-from Utils.groups import KINDS, Member, SymmetryGroup
+from Utils.groups import Member, SymmetryGroup
+from Utils.kinds import KINDS
 from Utils.registry import Registry
 
 # Bytes of one slice of rows read from features.h5 at a time (per array being read).
@@ -31,12 +32,6 @@ MAX_CHUNK_ROWS = 64
 TINY = 1e-300
 
 _NOT_TRAINABLE = ("running_mean", "running_var", "num_batches_tracked")
-
-_KIND_HINT = {
-    "translation": "a last linear layer feeding softmax cross-entropy (--loss ce)",
-    "scale": "a linear/conv layer feeding BatchNorm (e.g. --model fc-bn or conv-bn)",
-    "rescale": "ReLU-like hidden units between two layers without normalisation (e.g. --model fc)",
-}
 
 
 @dataclass
@@ -87,23 +82,19 @@ class FeaturesInfo:
         for b in storage.buffer_names(f):
             buffers[b] = list(storage.buffer_params(f, b))
         metrics = []
-        if "metrics" in f:
-            for name in f["metrics"]:
-                values = np.asarray(storage.read_metric(f, name), dtype=np.float64)[:n]
-                if np.isfinite(values).any():
-                    metrics.append(name)
-        theory: set[str] = set()
-        if "theory" in f:
-            for kind in f["theory"]:
-                for layer in f["theory"][kind]:
-                    theory.add(f"{kind}/{layer}")
+        for name in storage.metric_names(f):
+            values = np.asarray(storage.read_metric(f, name), dtype=np.float64)[:n]
+            if np.isfinite(values).any():
+                metrics.append(name)
+        theory = set(storage.theory_keys(f))
         measured: set[str] = set()
-        if "measured" in f:
+        if "measured" in f:  # online.h5 (Utils/online.py): per-group sums recorded in training
             for kind in f["measured"]:
                 for layer in f["measured"][kind]:
                     measured.add(f"{kind}/{layer}")
-        shapes = {p: tuple(f["params"][p].shape[1:]) for p in params}
-        dtypes = {p: f["params"][p].dtype for p in params}
+        layout = storage.param_layout(f)
+        shapes = {p: shape for p, (shape, _) in layout.items()}
+        dtypes = {p: dtype for p, (_, dtype) in layout.items()}
         weights = [p for p in params if not p.endswith(_NOT_TRAINABLE)]
         return cls(
             num_rows=n,
@@ -273,7 +264,7 @@ class Metric:
                 f"(features.h5 has {features.num_rows})"
             )
         if self.kinds and not features.groups_of(self.kinds):
-            hints = "; or ".join(_KIND_HINT[k] for k in self.kinds)
+            hints = "; or ".join(KINDS[k].hint for k in self.kinds)
             return False, f"the network has no {'/'.join(self.kinds)} groups (needs {hints})"
         for buffer in self.buffers:
             if not features.has_buffer(buffer):
@@ -388,7 +379,7 @@ def parse_metric_list(text: str) -> list[str]:
 
 def unsigned(group: SymmetryGroup) -> SymmetryGroup:
     """A copy of `group` whose members all have sign +1 (sums of magnitudes)."""
-    return replace(group, members=tuple(replace(m, sign=1) for m in group.members))
+    return group.unsigned()
 
 
 def group_attrs(group: SymmetryGroup) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from Utils import kinds
 from Utils.groups import SymmetryGroup, group_sum_np
 from Utils.metrics.base import (
     TINY,
@@ -36,19 +37,18 @@ def conserved_quantity(
     """The measured quantity of every group and its magnitude.
 
     Args:
-        kind: "translation", "scale" or "rescale".
+        kind: a kind of `Utils.kinds.KINDS` (its `term` and `magnitude_term` are summed).
         params: parameter name -> values [R, *shape].
         group: the groups.
 
     Returns:
         (value [R, n], magnitude [R, n]) in float64.
     """
-    if kind == "translation":
-        value = group_sum_np(params, group, lead=1)  # [R, n]
-        absolute = {k: np.abs(np.asarray(v, dtype=np.float64)) for k, v in params.items()}
-        return value, group_sum_np(absolute, unsigned(group), lead=1)
-    squares = {k: np.square(np.asarray(v, dtype=np.float64)) for k, v in params.items()}
-    return group_sum_np(squares, group, lead=1), group_sum_np(squares, unsigned(group), lead=1)
+    spec = kinds.spec(kind)
+    wide = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}  # [R, *shape]
+    value = group_sum_np({k: spec.term(v) for k, v in wide.items()}, group, lead=1)  # [R, n]
+    magnitude = {k: spec.magnitude_term(v) for k, v in wide.items()}
+    return value, group_sum_np(magnitude, unsigned(group), lead=1)
 
 
 def relative_error(theory: np.ndarray, measured: np.ndarray, magnitude: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The `gradient` metric: per-neuron squared gradient norms |g_A|^2 of every symmetry group.
 
 Read from the stored ``grad`` buffer (train.py ``--save-buffers grad``). For rescale groups the
-signed difference |g_A1|^2 - |g_A2|^2 (the forcing of THEORY.md section 4) is stored as well.
+signed difference |g_A1|^2 - |g_A2|^2 (the forcing of THEORY.md section 4) is stored as well
+(kinds whose `Utils.kinds.KindSpec.signed` is set).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from Utils.groups import KINDS, SymmetryGroup, group_sum_np
+from Utils.groups import SymmetryGroup, group_sum_np
+from Utils.kinds import KIND_NAMES
 from Utils.metrics.base import Context, group_attrs, invalid_groups, register_metric, unsigned
 
 
@@ -33,12 +35,12 @@ def grad_norms(
 @register_metric(
     "gradient",
     description="per-neuron squared gradient norms |g_A|^2 of every group (grad buffer)",
-    kinds=KINDS,
+    kinds=KIND_NAMES,
     buffers=("grad",),
 )
 def compute_gradient(ctx: Context) -> None:
     """Writes cache/gradient.h5 (layout in docs/METRICS.md)."""
-    groups = ctx.info.groups_of(KINDS)
+    groups = ctx.info.groups_of(KIND_NAMES)
     ctx.write_axes()
     for g in groups:
         base = f"groups/{g.kind}/{g.name}"
@@ -47,7 +49,7 @@ def compute_gradient(ctx: Context) -> None:
             total, signed = grad_norms(ctx.read_buffer("grad", g.params, rows), g)
             ctx.writer.append(f"{base}/grad_sq", total)
             ctx.writer.append(f"{base}/grad_sq_sum", total.sum(axis=-1))
-            if g.kind == "rescale":
+            if g.spec.signed:
                 ctx.writer.append(f"{base}/grad_sq_signed", signed)
                 ctx.writer.append(f"{base}/grad_sq_signed_sum", signed.sum(axis=-1))
     ctx.writer.attrs(layers=[g.key for g in groups], invalid=invalid_groups(groups))

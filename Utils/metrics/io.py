@@ -9,7 +9,14 @@ Root attributes of every cache file (see docs/METRICS.md):
 
 ``format`` ("neural-mechanics-cache"), ``version``, ``metric``, ``source_rows`` (rows of
 features.h5 the cache was built from), ``source_last_step``, ``options`` (JSON of the metric's
-options, e.g. subset and seed), plus whatever the metric adds.
+options, e.g. subset and seed), ``datasets`` (JSON of every dataset's path and shape, written
+by `CacheWriter.commit`), plus whatever the metric adds.
+
+Damage is detectable: numeric datasets carry HDF5's Fletcher-32 checksum filter, and
+`check_cache` reads every dataset listed in ``datasets`` (in slices of rows), so a flipped
+byte, a missing dataset or a changed shape makes a cache "not up to date" for cache.py and an
+error for plot.py. Everything that reads caches (cache.py, plot.py, notebooks) goes through
+`open_cache`, `CacheReader` or `load_cache` here.
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ from Utils.errors import CorruptFileError
 from Utils.storage import abandon_h5, close_h5
 
 FORMAT = "neural-mechanics-cache"
-VERSION = 1
+# 2: Fletcher-32 checksums and the ``datasets`` manifest.
+VERSION = 2
 CACHE_DIR = "cache"
 _TMP_SUFFIX = ".tmp"
+# Bytes read at a time by `check_cache`.
+_CHECK_BYTES = 64 << 20
 
 
 def cache_dir(run_dir: str) -> str:
@@ -138,8 +148,12 @@ class CacheWriter:
             dtype: storage dtype (default: the array's), e.g. ``h5py.string_dtype()``.
             **attrs: attributes set on the dataset.
         """
+        arr = np.asarray(data)
+        dt = np.dtype(dtype) if dtype is not None else arr.dtype
         with self._guard():
-            ds = self.file.create_dataset(path, data=np.asarray(data), dtype=dtype)
+            ds = self.file.create_dataset(
+                path, data=arr, dtype=dtype, fletcher32=_checksummed(arr.shape, dt)
+            )
             set_attrs(ds, attrs)
         return ds
 
@@ -161,6 +175,7 @@ class CacheWriter:
                     maxshape=(None, *arr.shape[1:]),
                     dtype=dt,
                     chunks=_chunks(tuple(arr.shape[1:]), dt.itemsize),
+                    fletcher32=_checksummed((1, *arr.shape[1:]), dt),
                 )
             ds = self.file[name]
             start = ds.shape[0]
@@ -204,6 +219,8 @@ class CacheWriter:
         Returns:
             The final path.
         """
+        with self._guard():
+            set_attrs(self.file, {"datasets": _manifest(self.file)})
         close_h5(self.file)
         self._closed = True
         if self._upload_dir is not None:
@@ -226,6 +243,25 @@ class CacheWriter:
             os.remove(self.tmp_path)
         if self._upload_dir is not None:
             shutil.rmtree(self._upload_dir, ignore_errors=True)
+
+
+def _checksummed(shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether a dataset gets the Fletcher-32 filter (numeric, non-empty arrays; HDF5 cannot
+    filter scalars, and strings are checked by reading them)."""
+    return len(shape) > 0 and all(int(n) > 0 for n in shape) and dtype.kind in "biufc"
+
+
+def _manifest(f: h5py.File) -> dict[str, list[int]]:
+    """Path -> shape of every dataset of an open file."""
+    out: dict[str, list[int]] = {}
+    f.visititems(
+        lambda name, obj: (
+            out.__setitem__(name, [int(n) for n in obj.shape])
+            if isinstance(obj, h5py.Dataset)
+            else None
+        )
+    )
+    return out
 
 
 def set_attrs(obj: h5py.Group | h5py.Dataset, attrs: Mapping[str, Any]) -> None:
@@ -267,12 +303,12 @@ def cache_info(path: str) -> dict[str, Any] | None:
         return None
     try:
         with open_cache(path) as f:
-            return {k: _decode(v) for k, v in f.attrs.items()}
+            return {k: decode(v) for k, v in f.attrs.items()}
     except CorruptFileError:
         return None
 
 
-def _decode(value: Any) -> Any:
+def decode(value: Any) -> Any:
     """HDF5 attribute value -> plain python (bytes to str, numpy scalars to python)."""
     if isinstance(value, bytes):
         return value.decode("utf-8")
@@ -281,10 +317,69 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def json_attr(value: Any, default: Any) -> Any:
+    """An attribute stored as a JSON string by `set_attrs` (lists and dicts), decoded."""
+    value = decode(value)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return default
+    if isinstance(value, np.ndarray):
+        return [decode(v) for v in value.tolist()]
+    return default if value is None else value
+
+
+def check_cache(path: str) -> str:
+    """Reads a whole cache file to find damage.
+
+    Every dataset named in the ``datasets`` manifest must exist with its recorded shape and
+    read back without error (Fletcher-32 checksums catch changed bytes); a file written
+    before the manifest existed has only its datasets read.
+
+    Args:
+        path: the cache file.
+
+    Returns:
+        "" when the file is sound, else a short description of the first problem found.
+    """
+    try:
+        with open_cache(path) as f:
+            manifest = json_attr(f.attrs.get("datasets"), None)
+            if manifest is None:
+                manifest = _manifest(f)
+            elif not isinstance(manifest, dict):
+                return "its list of datasets is unreadable"
+            for name, shape in manifest.items():
+                item = f.get(name)
+                if not isinstance(item, h5py.Dataset):
+                    return f"dataset /{name} is missing"
+                if list(item.shape) != list(shape):
+                    return f"dataset /{name} has shape {list(item.shape)}, not {list(shape)}"
+                _read_all(item)
+    except CorruptFileError as exc:
+        return str(exc).split(";")[0]
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        return f"a dataset cannot be read ({str(exc).splitlines()[0][:120]})"
+    return ""
+
+
+def _read_all(ds: h5py.Dataset) -> None:
+    """Reads a dataset in slices of rows (so that checksums are verified), discarding it."""
+    if ds.ndim == 0 or ds.shape[0] == 0:
+        ds[()]
+        return
+    per_row = max(int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize, 1)
+    step = max(1, _CHECK_BYTES // per_row)
+    for start in range(0, ds.shape[0], step):
+        ds[start : start + step]
+
+
 def is_up_to_date(
     path: str, metric: str, source_rows: int, source_last_step: int, options: Mapping[str, Any]
 ) -> bool:
-    """Whether an existing cache was built from the same features rows with the same options."""
+    """Whether an existing cache was built from the same features rows with the same options,
+    and is undamaged (`check_cache`)."""
     info = cache_info(path)
     if info is None:
         return False
@@ -298,6 +393,7 @@ def is_up_to_date(
         and info.get("source_rows") == int(source_rows)
         and info.get("source_last_step") == int(source_last_step)
         and stored_options == json.loads(json.dumps(dict(options), sort_keys=True))
+        and not check_cache(path)
     )
 
 
@@ -309,10 +405,110 @@ def load_cache(path: str) -> dict[str, Any]:
     """
 
     def walk(node: h5py.Group) -> dict[str, Any]:
-        out: dict[str, Any] = {"attrs": {k: _decode(v) for k, v in node.attrs.items()}}
+        out: dict[str, Any] = {"attrs": {k: decode(v) for k, v in node.attrs.items()}}
         for key, item in node.items():
             out[key] = walk(item) if isinstance(item, h5py.Group) else item[()]
         return out
 
     with open_cache(path) as f:
         return walk(f)
+
+
+class CacheReader:
+    """One cache file open for reading, with its datasets read into memory on first use.
+
+    Args:
+        path: the cache file (local path or fsspec URL).
+        hint: what to run to rebuild it, appended to errors (default: cache.py --overwrite).
+
+    Raises:
+        CorruptFileError: when the file is not a readable cache file.
+    """
+
+    def __init__(self, path: str, hint: str = "") -> None:
+        self.path = path
+        self.hint = hint or "cache.py"
+        try:
+            self._file = open_cache(path)
+        except CorruptFileError as exc:
+            problem = str(exc).split(";")[0]
+            raise CorruptFileError(f"{problem}; rerun {self.hint} --overwrite") from None
+        self.attrs = {k: decode(v) for k, v in self._file.attrs.items()}
+        self._memo: dict[str, np.ndarray] = {}
+
+    def close(self) -> None:
+        """Closes the file."""
+        self._file.close()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file
+
+    def get(self, name: str) -> np.ndarray | None:
+        """A dataset as a numpy array (None when absent).
+
+        Raises:
+            CorruptFileError: the dataset cannot be read (damaged file).
+        """
+        if name not in self._memo:
+            item = self._file.get(name)
+            if not isinstance(item, h5py.Dataset):
+                return None
+            try:
+                self._memo[name] = np.asarray(item[()])
+            except (OSError, ValueError) as exc:
+                raise CorruptFileError(
+                    f"{self.path}: /{name} cannot be read ({str(exc).splitlines()[0][:100]}); "
+                    f"rerun {self.hint} --overwrite"
+                ) from None
+        return self._memo[name]
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of a dataset without reading it (None when absent)."""
+        item = self._file.get(name)
+        return tuple(item.shape) if isinstance(item, h5py.Dataset) else None
+
+    def is_numeric(self, name: str) -> bool:
+        """Whether a dataset holds numbers."""
+        item = self._file.get(name)
+        return isinstance(item, h5py.Dataset) and np.issubdtype(item.dtype, np.number)
+
+    def json_attr(self, name: str, default: Any) -> Any:
+        """A root attribute stored as JSON (lists, dicts), decoded."""
+        return json_attr(self.attrs.get(name), default)
+
+    def node_attrs(self, name: str) -> dict[str, Any]:
+        """Attributes of a group or dataset (empty when absent)."""
+        item = self._file.get(name)
+        return {} if item is None else {k: decode(v) for k, v in item.attrs.items()}
+
+    def keys(self, group: str = "/") -> list[str]:
+        """Names of the members of a group (empty when absent)."""
+        item = self._file.get(group)
+        return list(item.keys()) if isinstance(item, h5py.Group) else []
+
+    def datasets(self) -> list[str]:
+        """Paths of every dataset in the file."""
+        return list(_manifest(self._file))
+
+    @property
+    def steps(self) -> np.ndarray:
+        """The step of every row.
+
+        Raises:
+            CorruptFileError: the file has no ``/steps``.
+        """
+        steps = self.get("steps")
+        if steps is None:
+            raise CorruptFileError(f"{self.path} has no /steps; rerun {self.hint} --overwrite")
+        return np.asarray(steps)
+
+    @property
+    def num_rows(self) -> int:
+        """Number of rows (steps)."""
+        return int(self.steps.shape[0])

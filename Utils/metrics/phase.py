@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from Utils.groups import SymmetryGroup, group_sum_np
+from Utils.kinds import QUADRATIC
 from Utils.metrics.base import (
     Context,
     FeaturesInfo,
@@ -25,7 +26,7 @@ from Utils.metrics.base import (
     register_metric,
 )
 
-KINDS = ("scale", "rescale")
+KINDS = QUADRATIC  # the kinds whose quantity is quadratic (Utils.kinds)
 PAPER_OPTIMIZERS = ("custom_sgd", "sgd")
 
 

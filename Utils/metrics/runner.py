@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
-from Utils import fileio
+from Utils import fileio, storage
 from Utils.errors import DataMissingError, UsageError, UserError
 from Utils.metrics.base import METRICS, Context, FeaturesInfo, parse_metric_list
 from Utils.metrics.io import CacheWriter, cache_path, is_up_to_date, remove_stale_temporaries
 
-FEATURES_FILE = "features.h5"
 ONLINE_FILE = "online.h5"  # written during training by Utils/online.py (same layout)
 SOURCES = ("auto", "features", "online")
 UP_TO_DATE = "up to date"
 COMPUTED = "computed"
 SKIPPED = "skipped"
-
-
-def _extract_command(run_dir: str) -> str:
-    """The extract.py command line for a run folder ``<save-dir>/<experiment>/<expid>``."""
-    path = fileio.local_path(str(run_dir)).rstrip("/")
-    head, expid = os.path.split(path)
-    save_dir, experiment = os.path.split(head)
-    return (
-        f"python extract.py --experiment {experiment} --expid {expid} "
-        f"--save-dir {save_dir or '.'}"
-    )
 
 
 def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
@@ -56,8 +43,8 @@ def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
             f"{k}={info.hyperparameters[k]!r} (not {stored[k]!r})" for k in differ[:3]
         )
         raise UserError(
-            f"{fileio.join(run_dir, FEATURES_FILE)} was extracted from a different run "
-            f"({shown}); rebuild it with {_extract_command(run_dir)} --overwrite"
+            f"{fileio.join(run_dir, storage.FILENAME)} was extracted from a different run "
+            f"({shown}); rebuild it with {storage.extract_command(run_dir)} --overwrite"
         )
 
 
@@ -70,7 +57,7 @@ def source_file(run_dir: str, source: str = "auto") -> str:
     """
     if source not in SOURCES:
         raise UsageError(f"--source must be one of {', '.join(SOURCES)} (got {source!r})")
-    has_features = fileio.exists(fileio.join(run_dir, FEATURES_FILE))
+    has_features = fileio.exists(fileio.join(run_dir, storage.FILENAME))
     has_online = fileio.exists(fileio.join(run_dir, ONLINE_FILE))
     if source == "online" or (source == "auto" and has_online and not has_features):
         if not has_online:
@@ -81,9 +68,9 @@ def source_file(run_dir: str, source: str = "auto") -> str:
         return ONLINE_FILE
     if not has_features:
         raise DataMissingError(
-            f"{run_dir} has no {FEATURES_FILE}; extract it first: {_extract_command(run_dir)}"
+            f"{run_dir} has no {storage.FILENAME}; extract it first: {storage.extract_command(run_dir)}"
         )
-    return FEATURES_FILE
+    return storage.FILENAME
 
 
 def _metric_names(metrics: str | Sequence[str] | None) -> list[str] | None:
@@ -128,8 +115,6 @@ def cache_run(
         UserError: no run folder or no features.h5 (names the extract.py command), or an
             explicitly requested metric does not apply to the run (says why).
     """
-    from Utils import storage
-
     requested = _metric_names(metrics)
     if "/" in suffix or "\\" in suffix:
         raise UsageError(f"--suffix must not contain path separators (got {suffix!r})")
@@ -146,7 +131,7 @@ def cache_run(
         _check_same_run(run_dir, info)
         if info.num_rows == 0:
             raise UserError(
-                f"{FEATURES_FILE} of {run_dir} has no rows; rerun: {_extract_command(run_dir)}"
+                f"{storage.FILENAME} of {run_dir} has no rows; rerun: {storage.extract_command(run_dir)}"
             )
         statuses: dict[str, str] = {}
         plan: list[str] = []
@@ -184,13 +169,13 @@ def _cache_one(
     subset: int | None,
     seed: int,
     progress: bool,
-    filename: str = FEATURES_FILE,
+    filename: str = storage.FILENAME,
 ) -> str:
     """Computes one metric's cache file unless an up-to-date one exists; returns its status."""
     metric = METRICS.get(name)
     given = {"subset": None if subset is None else int(subset), "seed": int(seed)}
     options = {k: given[k] for k in metric.options}
-    if filename != FEATURES_FILE:
+    if filename != storage.FILENAME:
         options["source"] = filename
     path = cache_path(run_dir, name, suffix)
     remove_stale_temporaries(path)

@@ -15,7 +15,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from Utils.groups import KINDS, SymmetryGroup, group_sum_np
+from Utils import kinds
+from Utils.groups import SymmetryGroup, group_sum_np
+from Utils.kinds import KIND_NAMES
 from Utils.metrics.base import (
     Context,
     group_attrs,
@@ -36,7 +38,7 @@ def violation(
     """|<g_A, c_A>| / (|g_A| |c_A|) of every group.
 
     Args:
-        kind: "translation", "scale" or "rescale".
+        kind: a kind of `Utils.kinds.KINDS` (its constraint direction c_A is used).
         grads: parameter name -> gradient [R, *shape].
         params: parameter name -> parameters [R, *shape] at which the gradient was taken
             (unused for translation).
@@ -45,17 +47,14 @@ def violation(
     Returns:
         [R, n] float64; NaN where |g_A| |c_A| = 0 or the inputs are NaN.
     """
+    spec = kinds.spec(kind)
     g = {k: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
-    if kind == "translation":
-        c = {k: np.ones_like(v) for k, v in g.items()}
-    else:
-        c = {k: np.asarray(params[k], dtype=np.float64) for k in g}
+    source = g if spec.constraint == "ones" else params
+    c = {k: spec.direction(np.asarray(source[k], dtype=np.float64)) for k in g}
     dot = group_sum_np({k: g[k] * c[k] for k in g}, group, lead=1)  # [R, n]
     g_sq = group_sum_np({k: g[k] * g[k] for k in g}, unsigned(group), lead=1)
     c_sq = group_sum_np({k: c[k] * c[k] for k in g}, unsigned(group), lead=1)
-    denom = np.sqrt(g_sq * c_sq)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, np.abs(dot) / np.where(denom > 0, denom, 1.0), np.nan)
+    return kinds.violation(dot, g_sq, c_sq)
 
 
 def params_before(
@@ -91,12 +90,12 @@ def params_before(
 @register_metric(
     "symmetry_violation",
     description="|<g_A, c_A>| / (|g_A| |c_A|) per group and its max per layer (grad buffer)",
-    kinds=KINDS,
+    kinds=KIND_NAMES,
     buffers=("grad",),
 )
 def compute_symmetry_violation(ctx: Context) -> None:
     """Writes cache/symmetry_violation.h5 (layout in docs/METRICS.md)."""
-    groups = ctx.info.groups_of(KINDS)
+    groups = ctx.info.groups_of(KIND_NAMES)
     ctx.write_axes()
     steps = ctx.axis("steps")
     consecutive = np.zeros(steps.size, dtype=bool)
@@ -109,7 +108,7 @@ def compute_symmetry_violation(ctx: Context) -> None:
         for rows in ctx.row_slices(ctx.row_bytes(g.params, 5), desc=f"violation {g.key}"):
             grads = ctx.read_buffer("grad", g.params, rows)
             before: dict[str, np.ndarray] = {}
-            if g.kind != "translation":
+            if g.spec.constraint == "theta":
                 ext = slice(max(rows.start - 1, 0), rows.stop)
                 theta = ctx.read_params(g.params, ext)
                 update = ctx.read_buffer("update", g.params, rows) if has_update else {}
