@@ -293,8 +293,8 @@ class Tracker:
         steps_per_epoch: to store each row's epoch (NaN without it).
         theory_sources: more objects with ``theory_snapshot()`` (e.g. a budget tracker).
         start_step: step count of the model as attached (resumed runs).
-        resume: continue an existing ``online.h5`` (rows at or after `start_step` are
-            dropped); otherwise an existing file is replaced.
+        resume: continue an existing ``online.h5`` (its rows after `start_step` are dropped
+            and rewritten; its row of `start_step` is kept); otherwise a new file is made.
         run_files: also write ``hyperparameters.json``, ``groups.json`` (when missing) and
             ``metrics.json`` (train.py writes its own).
     """
@@ -348,6 +348,7 @@ class Tracker:
         self._latest: dict[str, dict[str, np.ndarray]] = {}
         self.config = {**default_config(model, optimizer), **dict(config or {})}
         self.run_dir = run_dir or ""
+        self._has_start_row = False
         self.run_files = run_files
         self._writer: storage.FeaturesWriter | None = None
         if self.run_dir:
@@ -356,7 +357,8 @@ class Tracker:
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
         ]
-        self._open = self._row(self._current_fields())
+        if not self._has_start_row:  # a resumed file keeps its row of start_step
+            self._open = self._row(self._current_fields())
 
     # ----------------------------------------------------------------- files
 
@@ -369,8 +371,9 @@ class Tracker:
         fileio.makedirs(self.run_dir)
         if resume and fileio.exists(path):
             self._writer = storage.FeaturesWriter.open(path)
-            keep = int(np.searchsorted(self._writer.steps, self.step, side="left"))
-            self._writer.rows = keep  # rows from start_step on are rewritten
+            keep = int(np.searchsorted(self._writer.steps, self.step, side="right"))
+            self._has_start_row = keep > 0 and int(self._writer.steps[keep - 1]) == self.step
+            self._writer.rows = keep  # rows after start_step are rewritten
             self._writer.steps = self._writer.steps[:keep]
             mpath = fileio.join(self.run_dir, "metrics.json")
             if self.run_files and fileio.exists(mpath):

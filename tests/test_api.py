@@ -576,3 +576,36 @@ make_figures({str(tmp_path)!r}, "e", "a", metrics=["scale", "performance"])
     assert {".pt", ".json", ".h5", ".png"} <= kinds, kinds
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+@pytest.mark.slow
+def test_resumed_run_rewrites_online_rows_to_the_uninterrupted_file(tmp_path):
+    """A run resumed from an earlier checkpoint rewrites online.h5 rows bitwise as before."""
+    from Utils.training import train
+
+    base = {
+        "save_dir": str(tmp_path),
+        "experiment": "e",
+        "dataset": "synthetic",
+        "model": "fc-bn",
+        "epochs": 1,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "save_freq": 8,
+        "track_online": 1,
+        "deterministic": True,
+        "no_progress": True,
+    }
+    train({**base, "expid": "a"})
+    run = tmp_path / "e" / "a"
+    with storage.open_features(str(run), ONLINE_FILE) as f:
+        want = {p: f[p][:] for p in storage._row_datasets(f)}
+        want_steps = storage.read_steps(f)
+    for ckpt in sorted((run / "ckpt").iterdir())[-2:]:  # as if killed after step 16
+        ckpt.unlink()
+    train({**base, "expid": "a", "resume": True})
+    with storage.open_features(str(run), ONLINE_FILE) as f:
+        np.testing.assert_array_equal(storage.read_steps(f), want_steps)
+        for path, values in want.items():
+            if path != storage.SOURCES:
+                np.testing.assert_array_equal(f[path][:], values, err_msg=path)
