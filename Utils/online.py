@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from Utils import fileio, storage
-from Utils.errors import UsageError
+from Utils.errors import UsageError, UserError
 from Utils.groups import SymmetryGroup, groups_to_json
 
 ONLINE_FILE = "online.h5"
@@ -295,8 +295,13 @@ class Tracker:
         start_step: step count of the model as attached (resumed runs).
         resume: continue an existing ``online.h5`` (its rows after `start_step` are dropped
             and rewritten; its row of `start_step` is kept); otherwise a new file is made.
-        run_files: also write ``hyperparameters.json``, ``groups.json`` (when missing) and
-            ``metrics.json`` (train.py writes its own).
+        run_files: also write ``hyperparameters.json``, ``groups.json`` and ``metrics.json``
+            (train.py writes its own).
+        overwrite: replace the online.h5 of an existing run (else that is refused).
+
+    Raises:
+        UsageError: `every` < 0, or a URL run folder.
+        UserError: the run folder already has an online.h5 (without `resume`/`overwrite`).
     """
 
     def __init__(
@@ -312,6 +317,7 @@ class Tracker:
         start_step: int = 0,
         resume: bool = False,
         run_files: bool = True,
+        overwrite: bool = False,
     ) -> None:
         if int(every) < 0:
             raise UsageError(f"tracking every {every} steps: give a number >= 0 (1: every step)")
@@ -352,7 +358,7 @@ class Tracker:
         self.run_files = run_files
         self._writer: storage.FeaturesWriter | None = None
         if self.run_dir:
-            self._start_files(resume)
+            self._start_files(resume, overwrite)
         self._handles = [
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
@@ -362,7 +368,7 @@ class Tracker:
 
     # ----------------------------------------------------------------- files
 
-    def _start_files(self, resume: bool) -> None:
+    def _start_files(self, resume: bool, overwrite: bool) -> None:
         if fileio.is_url(self.run_dir):
             raise UsageError(
                 f"online tracking writes HDF5 and needs a local run folder (got {self.run_dir})"
@@ -379,6 +385,11 @@ class Tracker:
             if self.run_files and fileio.exists(mpath):
                 self._history = [h for h in fileio.read_json(mpath) if h["step"] < self.step]
             return
+        if fileio.exists(path) and not overwrite:
+            raise UserError(
+                f"{path} already exists; choose another run folder, or pass resume=True to "
+                "continue it or overwrite=True to replace it"
+            )
         self._writer = storage.FeaturesWriter.create(
             path,
             json.dumps(self.config, sort_keys=True, default=str),
@@ -388,12 +399,13 @@ class Tracker:
         self._writer._f.attrs["every"] = self.every
         if not self.run_files:
             return
-        hp = fileio.join(self.run_dir, "hyperparameters.json")
-        if not fileio.exists(hp):
-            fileio.write_json(hp, {"config": self.config})
-        path = fileio.join(self.run_dir, "groups.json")
-        if not fileio.exists(path):
-            fileio.write_json(path, json.loads(groups_to_json(self.groups)))
+        fileio.write_json(
+            fileio.join(self.run_dir, "hyperparameters.json"), {"config": self.config}
+        )
+        fileio.write_json(
+            fileio.join(self.run_dir, "groups.json"), json.loads(groups_to_json(self.groups))
+        )
+        fileio.write_json(fileio.join(self.run_dir, "metrics.json"), [])
 
     # ----------------------------------------------------------------- hooks
 
@@ -674,6 +686,7 @@ def for_training(
         start_step=step,
         resume=bool(cfg.get("resume")),
         run_files=False,
+        overwrite=True,  # train.py decided (--overwrite, or a new run folder)
     )
 
 

@@ -609,3 +609,14 @@ def test_resumed_run_rewrites_online_rows_to_the_uninterrupted_file(tmp_path):
         for path, values in want.items():
             if path != storage.SOURCES:
                 np.testing.assert_array_equal(f[path][:], values, err_msg=path)
+
+
+def test_existing_online_run_is_not_replaced_silently(tmp_path):
+    from Utils.errors import UserError
+
+    model = _net()
+    run = str(tmp_path / "e" / "r")
+    track(model, torch.optim.SGD(model.parameters(), lr=0.1), [], run_dir=run).close()
+    with pytest.raises(UserError, match="already exists; choose another run folder"):
+        track(model, torch.optim.SGD(model.parameters(), lr=0.1), [], run_dir=run)
+    track(model, torch.optim.SGD(model.parameters(), lr=0.1), [], run_dir=run, overwrite=True)
