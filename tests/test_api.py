@@ -556,7 +556,7 @@ sys.path.insert(0, {str(ROOT)!r})
 from Utils.training import train
 from Utils.extraction import extract_run
 from Utils.metrics import cache_run
-from Utils.plotting import make_figures
+from Utils.figures.runner import make_figures
 train({{"save_dir": {str(tmp_path)!r}, "experiment": "e", "expid": "a", "dataset": "synthetic",
        "model": "fc-bn", "epochs": 1, "save_freq": 16, "track_online": 4, "no_progress": True}})
 run = os.path.join({str(tmp_path)!r}, "e", "a")
