@@ -100,3 +100,33 @@ def test_installed_console_scripts_run_outside_the_checkout(wheel: Path, tmp_pat
         timeout=120,
     )
     assert api.returncode == 0 and str(target) in api.stdout, api.stderr
+
+
+def test_editable_install_builds(tmp_path, request):
+    """`pip install -e .`: the PEP 660 editable wheel maps the packages to the checkout."""
+    root = Path(request.config.rootpath)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SOURCES + tuple(f"{s}.py" for s in SCRIPTS):
+        path = root / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(path, src / name)
+    code = (
+        "import sys; from setuptools import build_meta as b; print(b.build_editable(sys.argv[1]))"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (found,) = out.glob("*.editable-*.whl")
+    names = zipfile.ZipFile(found).namelist()
+    assert any(n.endswith(".pth") for n in names)
+    mapped = "".join(zipfile.ZipFile(found).read(n).decode() for n in names if n.endswith(".py"))
+    for package in ("Models", "Utils"):
+        assert str(src / package) in mapped  # the import finder maps the packages to src
+    (entry,) = [n for n in names if n.endswith("entry_points.txt")]
+    assert "nm-train = Utils.cli:train" in zipfile.ZipFile(found).read(entry).decode()
