@@ -219,7 +219,7 @@ def cache_summary(run_dir: str, suffix: str = "") -> list[str]:
     detection).
 
     Returns:
-        The lines (a header, one per group, the plot.py command).
+        The lines (a header, one per group, the cache folder, the plot.py command).
     """
     from Utils.metrics.io import cache_path, open_cache
 
@@ -258,6 +258,7 @@ def cache_summary(run_dir: str, suffix: str = "") -> list[str]:
     )
     if suffix:
         command += f" --suffix {suffix}"
+    lines.append(f"caches: {fileio.join(run_dir, 'cache')}")
     lines.append(f"next: {command}")
     return lines
 

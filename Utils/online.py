@@ -241,12 +241,30 @@ def _count(x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64, device=x.device)
 
 
-def _theory_sources(optimizer: torch.optim.Optimizer, extra: Iterable[Any]) -> list[Any]:
-    sources = [optimizer] if hasattr(optimizer, "theory_snapshot") else []
+class _Source:
+    """A theory source: ``snapshot()`` -> {group key: {field: array}}, fields prefixed."""
+
+    def __init__(self, obj: Any, prefix: str = "") -> None:
+        method = getattr(obj, "theory_snapshot", None) or getattr(obj, "snapshot", None)
+        if not callable(method):
+            raise TypeError(f"theory source {obj!r} has no theory_snapshot() or snapshot()")
+        self._method = method
+        self.prefix = prefix
+
+    def theory_snapshot(self) -> dict[str, dict[str, np.ndarray]]:
+        return {
+            key: {self.prefix + name: value for name, value in fields.items()}
+            for key, fields in self._method().items()
+        }
+
+
+def _theory_sources(optimizer: torch.optim.Optimizer, extra: Iterable[Any]) -> list[_Source]:
+    """The optimizer (when it carries theory) and the extra sources: objects, or
+    ``(prefix, object)`` pairs whose fields are stored as ``<prefix><field>``."""
+    sources = [_Source(optimizer)] if hasattr(optimizer, "theory_snapshot") else []
     for source in extra:
-        if not callable(getattr(source, "theory_snapshot", None)):
-            raise TypeError(f"theory source {source!r} has no theory_snapshot() method")
-        sources.append(source)
+        prefix, obj = source if isinstance(source, tuple) else ("", source)
+        sources.append(_Source(obj, str(prefix)))
     return sources
 
 
@@ -291,7 +309,9 @@ class Tracker:
         config: the run's configuration (stored in the files; cache.py reads ``lr``, ``wd``,
             ``momentum``...); missing keys come from `default_config`.
         steps_per_epoch: to store each row's epoch (NaN without it).
-        theory_sources: more objects with ``theory_snapshot()`` (e.g. a budget tracker).
+        theory_sources: more objects with ``theory_snapshot()`` or ``snapshot()`` returning
+            ``{group key: {field: array}}``, or ``(prefix, object)`` pairs whose fields are
+            stored as ``<prefix><field>`` (e.g. ``("budget_", budget_tracker)``).
         start_step: step count of the model as attached (resumed runs).
         resume: continue an existing ``online.h5`` (its rows after `start_step` are dropped
             and rewritten; its row of `start_step` is kept); otherwise a new file is made.

@@ -620,3 +620,29 @@ def test_existing_online_run_is_not_replaced_silently(tmp_path):
     with pytest.raises(UserError, match="already exists; choose another run folder"):
         track(model, torch.optim.SGD(model.parameters(), lr=0.1), [], run_dir=run)
     track(model, torch.optim.SGD(model.parameters(), lr=0.1), [], run_dir=run, overwrite=True)
+
+
+def test_extra_theory_source_with_a_prefix(tmp_path):
+    """A source with snapshot() (as a budget tracker has) lands in theory/<key>/<prefix><f>."""
+
+    class Constant:
+        def __init__(self, groups):
+            self.groups = groups
+
+        def snapshot(self):
+            return {g.key: {"decay": np.full(g.size, 2.0)} for g in self.groups}
+
+    model = _net()
+    x, y = _data()
+    groups = detect_groups(model, x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = tmp_path / "e" / "r"
+    tracker = track(model, opt, groups, run_dir=str(run), theory_sources=[("b_", Constant(groups))])
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert tracker.theory()["scale/0"]["b_decay"].tolist() == [2.0] * 8
+    tracker.close()
+    with storage.open_features(str(run), ONLINE_FILE) as f:
+        assert storage.read_theory(f, "scale/0", "b_decay").shape == (3, 8)
