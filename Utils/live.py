@@ -192,10 +192,11 @@ def for_training(
         return None
     if tensorboard and (not run_dir or fileio.is_url(run_dir)):
         raise UsageError("--tensorboard writes into a local run folder: give --expid")
+    on_xla = any(p.device.type == "xla" for p in model.parameters())
     tracker = online or Tracker(
         model,
         optimizer,
-        list(getattr(optimizer, "groups", groups)),
+        [] if on_xla else list(getattr(optimizer, "groups", groups)),  # no extra XLA graphs
         every=max(int(eval_every), 1),
         config=dict(cfg),
         steps_per_epoch=steps_per_epoch,
