@@ -46,6 +46,7 @@ CHECKPOINT_KEYS = {
     "config": "the run's hyperparameters (dict)",
     "model": "model.state_dict() (parameters and buffers such as BatchNorm statistics)",
     "optimizer": "optimizer.state_dict(); custom_sgd adds the per-group theory state under 'theory'",
+    "budget": "Utils.budget.BudgetTracker.state_dict(): per-group symmetry-breaking budget sums",
     "param_names": "parameter names in the optimizer's order (maps optimizer state to names)",
     "scheduler": "lr scheduler state_dict",
     "rng": "python, numpy, torch (and cuda) random states",

@@ -23,7 +23,9 @@ What is stored per checkpoint: every floating entry of ``ckpt["model"]`` (intege
 as BatchNorm's ``num_batches_tracked`` are not stored), every floating tensor of
 ``ckpt["optimizer"]["state"][i]`` as ``buffers/<entry>/<param_names[i]>`` (rows where a
 checkpoint lacks it are NaN, e.g. momentum before the first step), the custom_sgd theory state
-(`theory_arrays`), the metrics (NaN where absent), step, epoch_float, lr and file name.
+(`theory_arrays`), the symmetry-breaking budget of ``ckpt["budget"]`` as
+``theory/<kind>/<layer>/budget_<field>`` (`Utils.budget.budget_arrays`), the metrics (NaN
+where absent), step, epoch_float, lr and file name.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from Utils import ckptread, fileio, storage
+from Utils import ckptread, fileio, interrupt, storage
+from Utils.budget import FIELD_PREFIX, budget_arrays
 from Utils.checkpoint import FORMAT as CKPT_FORMAT
 from Utils.checkpoint import METRIC_NAMES, checkpoint_dir, list_checkpoints, load_checkpoint
 from Utils.errors import CorruptFileError, UserError
@@ -139,7 +142,7 @@ def checkpoint_row(ckpt: Mapping[str, Any], source: str) -> Row:
 
     Args:
         ckpt: a loaded checkpoint (see Utils/checkpoint.py), with torch tensors or, from
-            `read_checkpoint_arrays`, numpy arrays.
+            `Utils.ckptread.read_arrays`, numpy arrays.
         source: the checkpoint's file name.
 
     Raises:
@@ -172,6 +175,11 @@ def checkpoint_row(ckpt: Mapping[str, Any], source: str) -> Row:
         for group_key, fields in theory_arrays(theory).items():
             for name, array in fields.items():
                 values[storage.theory_path(group_key, name)] = array
+    budget = ckpt.get("budget")
+    if isinstance(budget, Mapping):
+        for group_key, fields in budget_arrays(budget).items():
+            for name, array in fields.items():
+                values[storage.theory_path(group_key, FIELD_PREFIX + name)] = array
     metrics = ckpt.get("metrics") or {}
     for name in dict.fromkeys([*METRIC_NAMES, *metrics]):
         value = _float(metrics.get(name, math.nan))
@@ -327,6 +335,7 @@ def _scan(
     skipped: list[str] = []
     with _progress(len(paths), "scan", progress) as bar:
         for path in paths:
+            interrupt.check()
             try:
                 scan, row = _scan_one(path, intern)
                 scans.append(scan)
@@ -545,6 +554,7 @@ def _write_rows(
     by_step = {s.step: s for s in todo}
     with _progress(len(todo), "extract", progress) as bar:
         for scan in todo:
+            interrupt.check()
             try:
                 row = kept.pop(scan.path, None)
                 if row is None:
@@ -726,8 +736,10 @@ LOCK_NAME = ".extract.lock"
 def _extraction_lock(run_dir: str) -> Iterator[None]:
     """Holds ``<run>/.extract.lock`` (an flock, released by the OS if the process dies).
 
-    Local runs only (a URL run is extracted into a private temporary file and uploaded in
-    one piece). A folder where the lock file cannot be created is extracted without it.
+    The file holds the holder's PID and is removed when the extraction ends (a file left by a
+    killed process is harmless: the OS released its lock). Local runs only (a URL run is
+    extracted into a private temporary file and uploaded in one piece). A folder where the
+    lock file cannot be created is extracted without it.
 
     Raises:
         UserError: another process holds the lock (names its PID).
@@ -736,25 +748,38 @@ def _extraction_lock(run_dir: str) -> Iterator[None]:
         yield
         return
     path = os.path.join(fileio.local_path(run_dir), LOCK_NAME)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # read-only folder: writing features.h5 fails later with its own message
-        yield
-        return
-    try:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # read-only folder: writing features.h5 fails later with its own message
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
             raise UserError(
                 f"another extract.py (PID {holder}) is extracting {run_dir}; wait until it "
                 "finishes (its result is this run's features.h5), then run again if needed"
             ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file its holder removed on finishing: lock the new one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        try:
+            os.remove(path)  # while still locked, so no one else holds this file
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def _extract_run(

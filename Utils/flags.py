@@ -329,10 +329,14 @@ def main_wrapper(main, argv: list[str] | None = None, interrupted: str = "interr
         argv: command-line arguments (None: sys.argv).
         interrupted: the line printed on Ctrl-C (say how to finish the job).
     """
+    from Utils import interrupt
     from Utils.errors import UserError
 
     try:
-        return int(main(argv) or 0)
+        with interrupt.guard():
+            code = int(main(argv) or 0)
+            interrupt.check()  # an interrupt that a finalizer swallowed still counts
+            return code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 # elements per tensor up to which `Reducer.squares` stacks same-shaped matrices, so that one
 # reduction serves several members (small layers: the cost is per torch call, not per element)
 _STACK_LIMIT = 1 << 16
+# elements of one float64 chunk of `_wide` (1 MB: the temporary stays in cache)
+_CHUNK = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -264,9 +266,14 @@ class Reducer:
         """Reduces {name: [*lead, *shape]} (lead: none or one axis) to float64 [*lead, total]."""
         import torch  # lazily: see the module docstring
 
-        parts = [
-            _sum_member(products[n].to(torch.float64), nd, dim) for n, nd, dim, *_ in self.members
-        ]
+        parts = []
+        for n, nd, dim, *_ in self.members:
+            x = products[n]  # [*lead, *shape]
+            if x.ndim == nd:  # no leading axis: float64 chunks along the first axis
+                combine = "cat" if dim == 0 else "sum"
+                parts.append(_wide(x, lambda c, nd=nd, dim=dim: _sum_member(c, nd, dim), combine))
+            else:
+                parts.append(_sum_member(x.to(torch.float64), nd, dim))
         flat = torch.cat(parts, dim=-1)  # float64 [*lead, slices of all members]
         sizes = tuple(p.shape[-1] for p in parts)
         key = (sizes, flat.device)
@@ -298,18 +305,24 @@ class Reducer:
                     x = stacks[part.names] = torch.stack([values[n] for n in part.names])
             else:
                 x = values[part.names[0]]  # [*shape] or stacked [P, *shape]
-            x = x.to(torch.float64)  # accumulate in float64 also for float32 models
+            # every reduction runs on float64 chunks (accumulated in float64 for any dtype)
+            stacked = len(part.names) > 1
             if part.op == "ident":
-                out = x  # [slices]
+                out = x.to(torch.float64)  # [slices]
             elif part.op == "all":
-                out = torch.linalg.vector_norm(x).reshape(1)  # [1]
+                total = _wide(x, lambda c: c.square().sum().reshape(1), "sum")  # [1]
+                out = torch.sqrt(total)  # a norm, squared below
             elif part.op == "rows":
                 rows = x if part.nd == 2 else x.reshape(x.shape[0], -1)  # [(P,) slices, rest]
-                out = torch.linalg.vector_norm(rows, dim=-1)  # [(P,) slices]
+                out = _wide(rows, lambda c: torch.linalg.vector_norm(c, dim=-1), "cat")
             elif part.op == "cols":
-                out = x.square().sum(dim=-2)  # [(P,) slices]
+                out = _wide(x, lambda c: c.square().sum(dim=-2), "cat" if stacked else "sum")
             else:
-                out = _sum_member(x.square(), part.nd, part.dim)  # [slices]
+                kept = x.shape[part.dim]
+                after = math.prod(x.shape[part.dim + 1 :])
+                flat = x.reshape(-1, kept * after)  # [before, kept * after]
+                cells = _wide(flat, lambda c: c.square().sum(dim=0), "sum")  # [kept * after]
+                out = cells.reshape(kept, after).sum(dim=1)  # [slices]
             outs.append(out.reshape(-1) if out.ndim > 1 else out)
         flat = torch.cat(outs)  # float64 [S]
         # sign * norm^2 for norms, sign * sum for sums: flat * (flat * norm_sign + sum_sign)
@@ -367,6 +380,24 @@ class Reducer:
             index += [first + j // block for j in range(n)]
             sign += [s] * n
         return index, sign
+
+
+def _wide(x: torch.Tensor, fn, combine: str) -> torch.Tensor:
+    """``fn(x in float64)`` computed on chunks along axis 0, combined by "cat" or "sum".
+
+    A float32 tensor is cast chunk by chunk (at most `_CHUNK` elements each), so that the
+    float64 temporary stays in cache: float64 accumulation at a fraction of the cost of
+    casting the whole tensor first.
+    """
+    import torch  # lazily: see the module docstring
+
+    if x.dtype == torch.float64 or x.ndim == 0 or x.numel() <= _CHUNK or x.shape[0] == 1:
+        return fn(x.to(torch.float64))
+    rows = max(1, _CHUNK // max(1, x.numel() // x.shape[0]))
+    parts = [fn(c.to(torch.float64)) for c in x.split(rows)]
+    if combine == "cat":
+        return torch.cat(parts)
+    return torch.stack(parts).sum(dim=0)
 
 
 def _sum_member(x: torch.Tensor, nd: int, dim: int | None) -> torch.Tensor:

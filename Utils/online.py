@@ -677,6 +677,7 @@ def for_training(
     run_dir: str,
     steps_per_epoch: int,
     step: int,
+    theory_sources: Iterable[Any] = (),
 ) -> Tracker | None:
     """The tracker of a train.py run with ``--track-online N`` (None when it is off).
 
@@ -691,6 +692,7 @@ def for_training(
         run_dir: the run folder ("" when nothing is saved).
         steps_per_epoch: optimizer steps per epoch.
         step: the step training starts (or resumes) at.
+        theory_sources: more theory sources (the run's budget tracker, with its field prefix).
     """
     every = int(cfg.get("track_online") or 0)
     if every <= 0:
@@ -703,6 +705,7 @@ def for_training(
         every=every,
         config=dict(cfg),
         steps_per_epoch=steps_per_epoch,
+        theory_sources=theory_sources,
         start_step=step,
         resume=bool(cfg.get("resume")),
         run_files=False,

@@ -13,7 +13,7 @@ step, so they ride in checkpoints: ``grad`` (g_k), ``update`` (u_k with
 theta_{k+1} = theta_k - eta_k u_k), ``grad_norm`` and ``update_norm`` (their elementwise
 squares), and, for custom_sgd only, ``sgd`` (J with J_{k+1} = exp(-2 lam dt_k)(J_k + eta_k^2
 d_k^2)) and ``mom`` (the forced heavy-ball oscillator per element: X in ``mom``, X' in
-``mom_rate``, kicked by 2 eta (1 - delta) v^2, with the scale/rescale omega^2).
+``mom_rate``, kicked by 2 eta v^2 / (1 - delta), with the scale/rescale omega^2).
 
 Checkpoint layout of `TrackingSGD.state_dict()` (read as ``ckpt["optimizer"]["theory"]``)::
 
@@ -421,7 +421,7 @@ class TrackingSGD(torch.optim.Optimizer):
             rates = [
                 st.setdefault("mom_rate", torch.zeros_like(p)) for st, p in zip(states, params)
             ]
-            torch._foreach_add_(rates, _products(products, force, force), alpha=2 * hp.dt)
+            torch._foreach_add_(rates, _products(products, force, force), alpha=hp.kick)
             gamma, omega2 = hp.oscillator("quadratic")
             h, green, hdot, gdot = theory.oscillator_coefficients(gamma, omega2, hp.dt)
             new_x = torch._foreach_mul(xs, h)

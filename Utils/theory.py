@@ -83,6 +83,16 @@ class Hyper:
         """Time step of the continuous theory, t_{k+1} - t_k = eta_k (1 - delta)."""
         return self.lr * (1.0 - self.delta)
 
+    @property
+    def kick(self) -> float:
+        """Factor of one step's kick to X' in the momentum oscillator, 2 eta_k / (1 - delta).
+
+        The modified flow has theta' = -v / (1 - delta) (a step moves eta v in time
+        eta (1 - delta)), so the forcing 2 |theta'|^2 = 2 |v|^2 / (1 - delta)^2 held over dt
+        kicks X' by 2 eta |v|^2 / (1 - delta) (THEORY.md section 4). Only used when dt > 0.
+        """
+        return 2.0 * self.lr / (1.0 - self.delta)
+
     def oscillator(self, kind: str) -> tuple[float, float]:
         """Damping gamma and squared frequency omega^2 of the heavy-ball modified flow.
 
@@ -241,7 +251,7 @@ def paper_quadratic_step(
 
     Plain SGD: ``X_{k+1} = exp(-2 lam dt)(X_k + eta^2 |d_k|^2)`` with dt = eta
     (= exp(-2 lam t) Q_0 + J_k). Momentum (heavy-ball flow, also used for nesterov): kick
-    ``X' += 2 eta (1 - delta) |v_k|^2`` then propagate the damped oscillator over
+    ``X' += 2 eta |v_k|^2 / (1 - delta)`` (`Hyper.kick`) then propagate the damped oscillator over
     dt = eta (1 - delta) with omega^2 = 4 lam / (eta (1-delta)(1+beta)).
 
     Args:
@@ -259,7 +269,7 @@ def paper_quadratic_step(
         decay = math.exp(-2.0 * hp.weight_decay * hp.dt)
         return torch.add(x, forcing, alpha=hp.lr * hp.lr).mul_(decay), xdot
     gamma, omega2 = hp.oscillator("quadratic")
-    kicked = torch.add(xdot, forcing, alpha=2.0 * hp.dt)
+    kicked = torch.add(xdot, forcing, alpha=hp.kick)
     return propagate_oscillator(x, kicked, gamma, omega2, hp.dt)
 
 

@@ -533,6 +533,7 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
     Returns:
         A `RunResult`.
     """
+    from Utils.budget import BudgetTracker
     from Utils.data import get_data
     from Utils.distributed import ReplicaMismatchError, fingerprint, global_batch_size, slice_loss
     from Utils.groups import groups_to_json
@@ -575,17 +576,15 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
 
     lock = ctx.on_master(lambda: _take_run_dir(run_dir, cfg))
     try:
-        groups: list = []
-        if cfg["optimizer"] == "custom_sgd" or cfg.get("track_online"):  # api: groups to track
 
-            def find_groups() -> list:
-                stored = _stored_groups(run_dir) if (cfg["resume"] and run_dir) else None
-                if stored is not None:
-                    return stored
-                where = next(model.parameters()).device
-                return detect_groups(model, cfg, data, where, dtype)
+        def find_groups() -> list:
+            stored = _stored_groups(run_dir) if (cfg["resume"] and run_dir) else None
+            if stored is not None:
+                return stored
+            where = next(model.parameters()).device
+            return detect_groups(model, cfg, data, where, dtype)
 
-            groups = ctx.on_master(find_groups, share=True)
+        groups = ctx.on_master(find_groups, share=True)
         if on_xla:
             model = model.to(device)
         if sync_bn:
@@ -607,6 +606,7 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
             buffers=buffers,
         )
         groups = list(getattr(optimizer, "groups", groups))
+        budget = None if on_xla else BudgetTracker(optimizer, named, groups)
         milestones = sorted(int(e) * steps_per_epoch for e in cfg["lr_drops"])
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=milestones, gamma=cfg["lr_drop_rate"]
@@ -631,6 +631,8 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
             ckpt, history = ctx.on_master(lambda: _load_resume(run_dir), share=True)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
+            if budget is not None and "budget" in ckpt:
+                budget.load_state_dict(ckpt["budget"])
             scheduler.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"])
             running = dict(ckpt["running"])
@@ -663,10 +665,20 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
             else None
         )
         # api hook 1: --track-online N records per-group quantities into <run>/online.h5
+        from Utils.budget import FIELD_PREFIX
         from Utils.online import for_training
 
         online = (
-            for_training(cfg, model, optimizer, groups, run_dir, steps_per_epoch, step)
+            for_training(
+                cfg,
+                model,
+                optimizer,
+                groups,
+                run_dir,
+                steps_per_epoch,
+                step,
+                theory_sources=[(FIELD_PREFIX, budget)] if budget is not None else [],
+            )
             if ctx.is_master
             else None
         )
@@ -706,6 +718,7 @@ def run_training(cfg: dict[str, Any], ctx: DistContext) -> RunResult:
                 "config": cfg,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                **({"budget": budget.state_dict()} if budget is not None else {}),
                 "param_names": [n for n, _ in named],
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),

@@ -4,7 +4,8 @@ Sections (``--only 1,3`` selects some):
 
 1. tracked step (TrackingSGD with the theory of every symmetry group) vs torch.optim.SGD step,
    same model, batch and data: fc, fc-bn, the demo conv-BN net (vgg-demo), and the
-   tinyimagenet vgg11-bn and resnet18 on 64x64 input;
+   tinyimagenet vgg11-bn and resnet18 on 64x64 input; and per model the AdamW step with the
+   symmetry-breaking budget (`Utils.budget.BudgetTracker`) vs the plain AdamW step;
 2. dense checkpointing: training with ``--save-freq 1`` and ``--save-freq 10`` (and
    ``--save-freq 1 --sync-save``) vs the same run without checkpoints (demo net);
 3. checkpoint size: model + optimizer + theory state vs model + optimizer alone, per model,
@@ -440,6 +441,36 @@ def section_step(bench: Bench) -> None:
             )
         )
         bench.models[label] = (pair["model"], tracked, pair["twin"], plain)
+        _budget_row(bench, label, pair, batch, steps)
+
+
+def _budget_row(bench: Bench, label: str, pair: dict, batch: int, steps: int) -> None:
+    """Section 1, second row per model: AdamW with the symmetry-breaking budget vs AdamW."""
+    from Utils.budget import BudgetTracker
+
+    sides = {}
+    for name in ("budget", "adamw"):
+        model = copy.deepcopy(pair["twin"])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=5e-4)
+        if name == "budget":
+            tracker = BudgetTracker(opt, list(model.named_parameters()), pair["groups"])
+        sides[name] = _stepper(model, opt, pair["x"], pair["y"], bench.device)
+    gc.collect()
+    times = paired(sides, bench.sizes.reps, bench.sizes.warmup, calls=steps)
+    r = ratios(times["budget"], times["adamw"])
+    extra = (statistics.median(times["budget"]) - statistics.median(times["adamw"])) / steps
+    bench.rows.append(
+        Row(
+            1,
+            f"{label} (batch {batch}): budget, adamw",
+            fmt_ms(statistics.median(times["budget"]) / steps) + "/step",
+            fmt_ms(statistics.median(times["adamw"]) / steps) + "/step",
+            r.ratio_text(3),
+            "<= 1.10x",
+            verdict(r.median, 1.10),
+            f"{len(tracker.groups)} groups; the budget adds {extra * 1e3:+.2f} ms/step",
+        )
+    )
 
 
 # ------------------------------------------------------------- 2. dense checkpointing

@@ -649,6 +649,7 @@ def test_a_second_extraction_of_the_same_run_says_another_is_running(base_run, t
     assert "another extract.py" in line and "4242" in line and run in line
     assert not os.path.exists(storage.features_path(run))
     assert run_extract(*cli(run)).returncode == 0  # the lock is gone with its holder
+    assert not os.path.exists(os.path.join(run, LOCK_NAME))  # removed at the end
 
 
 @pytest.mark.slow
@@ -678,3 +679,76 @@ def test_two_extractions_at_once_never_both_fail(tmp_path):
             if code:
                 assert "another extract.py" in one_line_error(err), err
         assert_same_features(features_of(reference), features_of(run))
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def _interrupt(args: list[str], ready, delay: float) -> tuple[bool, int, str]:
+    """Starts a script, sends SIGINT `delay` s after `ready()`; (sent, exit status, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and not ready():
+        assert time.monotonic() < deadline, "the script made no progress"
+        time.sleep(0.002)
+    time.sleep(delay)
+    sent = proc.poll() is None
+    if sent:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    return sent, proc.returncode, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_never_swallowed(tmp_path):
+    """SIGINT at many points of extract.py and cache.py: always exit 130 with one line."""
+    run = build_run(tmp_path / "r", "a", list(range(0, 60)), width=256)
+    target = storage.features_path(run)
+    extract_args = [str(ROOT / "extract.py"), *cli(run), "--overwrite"]
+    extract_run(run, progress=False)
+    cache_dir = os.path.join(run, "cache")
+    cache_args = [str(ROOT / "cache.py"), *cli(run), "--overwrite"]
+    outcomes = []
+    for i in range(6):
+        delay = 0.1 * i
+        outcomes.append(
+            _interrupt(extract_args, lambda: os.path.exists(target + ".tmp"), delay / 2)
+        )
+        outcomes.append(
+            _interrupt(
+                cache_args,
+                lambda: os.path.isdir(cache_dir) and bool(os.listdir(cache_dir)),
+                0.5 + delay,
+            )
+        )
+    for sent, code, err in outcomes:
+        if not sent:
+            continue  # finished before the signal: nothing to check
+        assert code in (130, -signal.SIGINT), (code, err)  # never 0: the job did not go on
+        if code == 130:
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert len(lines) == 1 and "interrupted" in lines[0], err
+    assert sum(sent for sent, _, _ in outcomes) >= 8
+
+
+def test_cache_metrics_without_a_name_is_a_usage_error(base_run, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    extract_run(run, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "cache.py"), *cli(run), "--metrics", ","],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "names no metric" in one_line_error(out.stderr)
+    assert not os.path.exists(os.path.join(run, "cache")) or not os.listdir(
+        os.path.join(run, "cache")
+    )

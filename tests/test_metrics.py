@@ -68,6 +68,36 @@ GROUPS = [
         ),
         3e-7,
     ),
+    # issue 13 structures: whole-layer scale (LayerNorm), per-GroupNorm-group scale, and a
+    # norm-affine rescale (gamma, beta against the next layer's block of each unit)
+    SymmetryGroup(
+        "scale",
+        "l1-layernorm",
+        1,
+        (Member("l1.weight", None), Member("l1.bias", None)),
+        1e-7,
+        meta={"structure": "layernorm"},
+    ),
+    SymmetryGroup(
+        "scale",
+        "l1-groupnorm",
+        2,
+        (Member("l1.weight", 0, block=2), Member("l1.bias", 0, block=2)),
+        1e-7,
+        meta={"structure": "groupnorm"},
+    ),
+    SymmetryGroup(
+        "rescale",
+        "bn->l3",
+        4,
+        (
+            Member("bn.weight", 0),
+            Member("bn.bias", 0),
+            Member("l3.weight", dim=1, block=2, sign=-1),
+        ),
+        2e-7,
+        meta={"structure": "norm-affine"},
+    ),
 ]
 
 
@@ -94,6 +124,14 @@ def make_data(momentum: float, seed: int = 0) -> dict:
                 "paper": rng.normal(size=(n, g.size)),
                 "time": np.cumsum(rng.uniform(0.1, 0.2, size=n)),
             }
+            budget = {"budget_initial": np.repeat(rng.normal(size=(1, g.size)), n, axis=0)}
+            for term in ("decay", "leak", "kinetic", "discretisation"):
+                budget[f"budget_{term}"] = rng.normal(size=(n, g.size))
+            if g.kind == "scale":
+                budget["budget_angle_sum"] = np.cumsum(rng.uniform(0, 0.1, (n, g.size)), axis=0)
+                budget["budget_grad_sq_sum"] = np.cumsum(rng.uniform(0, 2, (n, g.size)), axis=0)
+                budget["budget_angle"] = rng.uniform(0, 0.1, (n, g.size))
+            theory[g.key].update(budget)
     metrics = {m: np.full(n, np.nan) for m in ("train_loss", "test_loss", "top1", "top5")}
     for m in metrics:
         metrics[m][[0, 3, 6]] = rng.uniform(size=3)
@@ -437,6 +475,72 @@ def ref_norms(distance: bool):
     return ref
 
 
+def ref_budget(data: dict, cache: dict) -> dict:
+    """Reference of `budget`: measured quantity, stored terms, change and residual by loops."""
+    out = axes(data)
+    terms = ("decay", "leak", "kinetic", "discretisation")
+    for g in groups_of(["translation", "scale", "rescale"]):
+        if not g.valid:
+            continue
+        base = f"groups/{g.kind}/{g.name}"
+        th = data["theory"][g.key]
+        fn = value if g.kind == "translation" else square
+        measured = over_steps(data["params"], g, fn)
+        change = np.zeros_like(measured)
+        residual = np.zeros_like(measured)
+        for i in range(measured.shape[0]):
+            for j in range(measured.shape[1]):
+                change[i, j] = measured[i, j] - th["budget_initial"][i, j]
+                residual[i, j] = change[i, j] - sum(th[f"budget_{t}"][i, j] for t in terms)
+        values = {"measured": measured, "change": change, "residual": residual}
+        values.update({t: th[f"budget_{t}"] for t in terms})
+        for name, v in values.items():
+            out[f"{base}/{name}"] = v
+            out[f"{base}/{name}_sum"] = v.sum(axis=1)
+    return out
+
+
+def ref_equilibrium(data: dict, cache: dict) -> dict:
+    """Reference of `equilibrium` (SGD family: custom_sgd with the run's momentum)."""
+    out = axes(data)
+    beta, wd = data["hp"]["momentum"], data["hp"]["wd"]
+    steps, lr = data["steps"], data["lr"]
+    for g in groups_of(["scale"]):
+        if not g.valid:
+            continue
+        base = f"groups/scale/{g.name}"
+        th = data["theory"][g.key]
+        q = over_steps(data["params"], g, square)
+        n, size = q.shape
+        angle = np.full((n, size), np.nan)
+        gsq = np.full((n, size), np.nan)
+        p_angle = np.full(n, np.nan)
+        p_norm = np.full((n, size), np.nan)
+        t_scale = np.full(n, np.nan)
+        for i in range(1, n):
+            gap = steps[i] - steps[i - 1]
+            eta = lr[i - 1]
+            p_angle[i] = math.sqrt(2 * eta * wd / (1 + beta))
+            t_scale[i] = (1 - beta) / (eta * wd)
+            for j in range(size):
+                angle[i, j] = (
+                    th["budget_angle_sum"][i, j] - th["budget_angle_sum"][i - 1, j]
+                ) / gap
+                gsq[i, j] = (
+                    th["budget_grad_sq_sum"][i, j] - th["budget_grad_sq_sum"][i - 1, j]
+                ) / gap
+                p_norm[i, j] = math.sqrt(eta * gsq[i, j] / (2 * wd * (1 - beta)))
+        norm = np.sqrt(q)
+        for name, v in (("angle", angle), ("norm", norm), ("grad_sq", gsq)):
+            out[f"{base}/{name}"] = v
+            out[f"{base}/{name}_mean"] = v.mean(axis=1)
+        out[f"{base}/predicted_angle"] = p_angle
+        out[f"{base}/predicted_norm"] = p_norm
+        out[f"{base}/predicted_norm_mean"] = p_norm.mean(axis=1)
+        out[f"{base}/time_scale"] = t_scale
+    return out
+
+
 REFERENCES = {
     "translation": ref_conservation("translation"),
     "scale": ref_conservation("scale"),
@@ -450,6 +554,8 @@ REFERENCES = {
     "symmetry_violation": ref_symmetry_violation,
     "norms": ref_norms(False),
     "distance": ref_norms(True),
+    "budget": ref_budget,
+    "equilibrium": ref_equilibrium,
 }
 
 
@@ -590,6 +696,27 @@ def test_applies_reasons(fake_runs):
     assert not METRICS.get("phase").applies(one_row)[0]
     no_metrics = FeaturesInfo(**{**vars(info), "metrics": []})
     assert not METRICS.get("performance").applies(no_metrics)[0]
+
+
+def test_one_violation_definition():
+    """Issue 13: verification and the metric share `Utils.kinds.violation` (NaN at zero)."""
+    from Utils import kinds
+    from Utils.metrics.symmetry_violation import violation
+
+    group = GROUPS[1]
+    zeros = {n: np.zeros((1, *SHAPES[n])) for n in group.params}
+    ones = {n: np.ones((1, *SHAPES[n])) for n in group.params}
+    assert np.isnan(violation("scale", zeros, ones, group)).all()
+    assert np.isnan(kinds.violation(np.zeros(3), np.zeros(3), np.ones(3))).all()
+    rng = np.random.default_rng(0)
+    grads = {n: rng.normal(size=(2, *SHAPES[n])) for n in group.params}
+    params = {n: rng.normal(size=(2, *SHAPES[n])) for n in group.params}
+    got = violation("scale", grads, params, group)  # [2, 4]
+    for r in range(2):
+        dot = sum((grads[n][r] * params[n][r]).reshape(4, -1).sum(1) for n in group.params)
+        g_sq = sum((grads[n][r] ** 2).reshape(4, -1).sum(1) for n in group.params)
+        c_sq = sum((params[n][r] ** 2).reshape(4, -1).sum(1) for n in group.params)
+        np.testing.assert_allclose(got[r], np.abs(dot) / np.sqrt(g_sq * c_sq), rtol=1e-12)
 
 
 def test_pure_functions_edge_cases():

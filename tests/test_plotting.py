@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
@@ -222,6 +223,148 @@ def test_grid_figure_of_four_runs(written):
         assert_drawn(p)
 
 
+# ----------------------------------------------------------------------------------------
+# What the figures show (issue 11's review of the figures)
+
+
+def write_review_run(root: Path, expid: str, wd: float) -> None:
+    """A run whose caches hold what the review found drawn badly: an lr drop (x0.2 at step
+    50), a translation sum constant to round-off when wd = 0, an error of 1e-16 at step 0,
+    evaluations at 5 steps with top-5 at 100%, 14 network parameters, weights and gradients,
+    and squared gradient norms spanning decades in one kind only."""
+    run = root / "review" / expid
+    run.mkdir(parents=True)
+    config = {"lr": 0.1, "wd": wd, "momentum": 0.9, "expid": expid, "dtype": "float32"}
+    (run / "hyperparameters.json").write_text(json.dumps({"config": config}))
+    rng = np.random.default_rng(1)
+    n = 20
+    steps = np.arange(n) * 5
+    lr = np.where(steps < 50, 0.1, 0.02)
+    drift = 0.0 if wd == 0 else 0.05
+    for kind, layer in (("translation", "fc"), ("rescale", "fc1->fc")):
+        with CacheWriter(cache_path(str(run), kind), kind) as w:
+            w.write("steps", steps)
+            w.write("lr", lr)
+            base = f"groups/{kind}/{layer}"
+            emp = -0.83 + drift * np.linspace(0, 1, n) + 1e-10 * rng.standard_normal(n)
+            w.write(f"{base}/empirical_sum", emp)
+            w.write(f"{base}/magnitude_sum", np.full(n, 56.0))
+            w.write(f"{base}/theory_exact_sum", emp)
+            error = 10.0 ** rng.uniform(-9, -8, n)
+            error[0] = 1e-16
+            w.write(f"{base}/error_exact_sum", error)
+            w.attrs(kind=kind, layers=[layer])
+            w.commit()
+    with CacheWriter(cache_path(str(run), "performance"), "performance") as w:
+        rows = np.arange(0, n, 5)
+        w.write("steps", steps[rows])
+        w.write("lr", lr[rows])
+        w.write("metrics/test_loss", 2.3 - 0.3 * np.arange(4))
+        w.write("metrics/top1", 0.1 + 0.2 * np.arange(4))
+        w.write("metrics/top5", np.array([0.5, 1.0, 1.0, 1.0]))
+        w.commit()
+    params = [f"layer{i}.{p}" for i in range(7) for p in ("weight", "bias")]
+    with CacheWriter(cache_path(str(run), "network"), "network") as w:
+        w.write("steps", steps)
+        for p in params:
+            w.write(f"params/{p}/values", rng.standard_normal((n, 20)).cumsum(axis=0))
+        w.attrs(params=params)
+        w.commit()
+    with CacheWriter(cache_path(str(run), "weights_grads"), "weights_grads") as w:
+        w.write("steps", steps)
+        w.write("weights", rng.standard_normal((n, 30)))
+        w.write("grads", rng.standard_normal((n, 30)))
+        w.attrs(columns=30)
+        w.commit()
+    with CacheWriter(cache_path(str(run), "gradient"), "gradient") as w:
+        w.write("steps", steps)
+        w.write("groups/scale/conv/grad_sq_sum", np.logspace(0, -4, n))
+        w.write("groups/rescale/fc1->fc/grad_sq_sum", np.linspace(1.0, 1.5, n))
+        w.commit()
+
+
+@pytest.fixture(scope="module")
+def review(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("review")
+    write_review_run(root, "wd0", 0.0)
+    write_review_run(root, "wd5", 5e-4)
+    return root
+
+
+def review_figure(root: Path, metric: str, expid: str = "wd0"):
+    return plotting.figure_for(plotting.find_runs(str(root), "review", expid)[0], metric)
+
+
+def lr_drop_lines(ax) -> list[float]:
+    return [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "-."]
+
+
+def test_lr_drops_are_marked_on_time_series(review):
+    for metric in ("translation", "performance", "gradient", "network", "weights_grads"):
+        fig = review_figure(review, metric)
+        marked = [ax for ax in fig.axes if lr_drop_lines(ax)]
+        assert marked, metric
+        assert all(lr_drop_lines(ax) == [50] for ax in marked), metric
+
+
+def test_grid_of_conservation_runs_has_error_rows(review):
+    runs = plotting.find_runs(str(review), "review", "wd*")
+    fig = plotting.figure_grid(runs, "translation")
+    logs = [ax for ax in fig.axes if ax.get_visible() and ax.get_yscale() == "log"]
+    assert len(logs) == 2 and len(fig.axes) == 4
+
+
+def test_round_off_is_labelled_not_drawn_as_a_failing_theory(review):
+    fig = review_figure(review, "translation")
+    values, errors = fig.axes[:2]
+    lo, hi = values.get_ylim()
+    assert hi - lo > 0.01 * 0.83
+    assert any("constant to round-off" in t.get_text() for t in values.texts)
+    assert any("float32 round-off" in t.get_text() for t in errors.texts)
+    labels = [t.get_text() for t in values.get_yticklabels() if t.get_text()]
+    assert labels and all(len(t.lstrip("−-").replace(".", "")) <= 5 for t in labels), labels
+    drifting = review_figure(review, "translation", "wd5").axes[0]
+    assert not any("round-off" in t.get_text() for t in drifting.texts)
+
+
+def test_error_axis_is_not_stretched_by_the_first_row(review):
+    fig = review_figure(review, "rescale")
+    assert fig.axes[1].get_ylim()[0] > 1e-12
+
+
+def test_network_shows_every_parameter_in_distinct_colours(review):
+    fig = review_figure(review, "network")
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("layer")]
+    assert len(panels) == 14
+    for ax in panels:
+        colours = [line.get_color() for line in ax.lines if line.get_linestyle() == "-"]
+        assert len(colours) == 10
+        rgb = np.array([matplotlib.colors.to_rgb(c) for c in colours])  # [10, 3]
+        gaps = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1)[np.triu_indices(10, 1)]
+        assert gaps.min() > 0.15, "two weights of a panel have nearly the same colour"
+
+
+def test_weights_grads_does_not_repeat_the_network_pca(review):
+    fig = review_figure(review, "weights_grads")
+    assert not [ax for ax in fig.axes if ax.get_xlabel().startswith("PC")]
+    assert [ax for ax in review_figure(review, "network").axes if ax.get_xlabel().startswith("PC")]
+
+
+def test_gradient_panels_share_one_scale(review):
+    fig = review_figure(review, "gradient")
+    assert {ax.get_yscale() for ax in fig.axes if ax.get_visible()} == {"log"}
+
+
+def test_performance_marks_evaluations_and_skips_a_saturated_top5(review):
+    fig = review_figure(review, "performance")
+    ax_loss, ax_acc = fig.axes[:2]
+    for ax in (ax_loss, ax_acc):
+        drawn = [line for line in ax.lines if line.get_linestyle() != "-."]
+        assert drawn and all(line.get_linestyle() == "None" for line in drawn)
+    assert "test top-5" not in [line.get_label() for line in ax_acc.lines]
+    assert any("top-5" in t for t in legend_texts(fig))
+
+
 def test_tex_escape_leaves_math_alone():
     text = r"fc_1->out: 50% of $|\theta_A|^2$, |g| < 3 & #5"
     assert plotting.tex_escape(text) == (
@@ -347,7 +490,8 @@ def test_real_run_every_figure_is_drawn(real_run):
 
     run = real_run / "t" / "a"
     metrics = sorted(p.stem for p in (run / "cache").glob("*.h5"))
-    assert {"translation", "scale", "rescale", "performance", "phase", "network"} <= set(metrics)
+    assert {"translation", "scale", "rescale", "performance", "phase", "network", "budget",
+            "equilibrium"} <= set(metrics)  # fmt: skip
     assert plot.main(["--experiment", "t", "--expid", "a", "--save-dir", str(real_run)]) == 0
     figures = sorted(p.stem for p in (run / "figures").glob("*.png"))
     assert figures == metrics

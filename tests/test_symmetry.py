@@ -770,7 +770,7 @@ def test_cli_table_json_and_errors(repo_root, tmp_path):
     table = subprocess.run(args, cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split()[:2] == ["kind", "layer"]
+    assert lines[0].split()[:3] == ["kind", "structure", "layer"]
     assert any(line.startswith("rescale") and "conv3->fc1" in line for line in lines)
     assert any(line.startswith("scale") and "conv1" in line for line in lines)
     out = subprocess.run(

@@ -311,7 +311,7 @@ def paper_direct(run: dict, group: SymmetryGroup, q0: np.ndarray) -> np.ndarray:
     kicks = None
     if group.kind != "translation":
         v2 = group_sum_np({k: a * a for k, a in run["v"].items()}, group, lead=1)  # [n, size]
-        kicks = 2 * lrs[:, None] * (1 - delta) * v2
+        kicks = 2 * lrs[:, None] / (1 - delta) * v2
     lr1, lr2 = lrs[0], lrs[-1]
     x, xdot = oscillator_direct(q0, 0.0 * q0, kicks, lr1, beta, delta, factor, lam, DROP)
     rest = None if kicks is None else kicks[DROP:]
@@ -339,7 +339,7 @@ def test_paper_momentum_online_equals_direct_sum(beta, lam, regime):
     x, xdot = torch.tensor(q0), torch.zeros(4, dtype=torch.float64)
     for j in range(n):
         x, xdot = theory.paper_quadratic_step(x, xdot, torch.tensor(forcing[j]), hp)
-    kicks = 2 * hp.dt * forcing
+    kicks = 2 * lr / (1 - delta) * forcing
     expected, expected_rate = oscillator_direct(q0, 0.0, kicks, lr, beta, delta, 4.0, lam, n)
     np.testing.assert_allclose(x.numpy(), expected, rtol=1e-10)
     np.testing.assert_allclose(

@@ -212,7 +212,16 @@ def test_resume_is_bitwise_equal(tmp_path):
     b = [load_checkpoint(p) for p in list_checkpoints(cut.run_dir)]
     assert [c["step"] for c in a] == [c["step"] for c in b]
     for x, y in zip(a, b):
-        for key in ("model", "optimizer", "scheduler", "metrics", "running", "step", "rng"):
+        for key in (
+            "model",
+            "optimizer",
+            "budget",
+            "scheduler",
+            "metrics",
+            "running",
+            "step",
+            "rng",
+        ):
             assert_equal_nested(x[key], y[key], f"step {x['step']} {key}")
 
 

@@ -30,6 +30,7 @@ from Utils.figures import (  # noqa: F401  (each module registers its plotter)
     norms,
     network,
     weights_grads,
+    budget,
     generic,
 )
 

@@ -138,7 +138,7 @@ def layer_key(fig: Figure, axes: Sequence[Axes], names: Sequence[str]) -> None:
 def layer_legend(fig: Figure, ax: Axes, layers: Sequence[str], options: Options) -> None:
     """A legend naming the layers (inside for up to 4, beside the axes up to
     `MAX_LEGEND_LAYERS` or with --legend) or a colour bar keyed by depth."""
-    if not [h for h in ax.get_legend_handles_labels()[1] if not h.startswith("lr ")]:
+    if not ax.get_legend_handles_labels()[0]:
         return
     if len(layers) <= 4:
         ax.legend(loc="best", fontsize=7, framealpha=0.85)
@@ -219,10 +219,19 @@ def round_off_band(ax: Axes, level: float, dtype: str) -> None:
     )
 
 
-def hold_round_off(ax: Axes, values: Sequence[np.ndarray], level: float) -> bool:
+def hold_round_off(
+    ax: Axes, values: Sequence[np.ndarray], level: float, magnitude: float | None = None
+) -> bool:
     """When every series is constant to round-off, centres the axis on them with a margin
     of a percent (instead of magnifying round-off into curves with seven-digit ticks) and
     says so on the axes.
+
+    Args:
+        ax: the axes the series are drawn on.
+        values: the series [N] each.
+        level: relative round-off level (`round_off_level`).
+        magnitude: the size the round-off is relative to, e.g. the sum of |theta| that a
+            translation sum S is computed from (default: the largest |value|).
 
     Returns:
         Whether the series were constant to round-off.
@@ -233,7 +242,8 @@ def hold_round_off(ax: Axes, values: Sequence[np.ndarray], level: float) -> bool
         return False
     change = max(float(np.ptp(v)) for v in finite)
     size = max(float(np.max(np.abs(v))) for v in finite)
-    if change > level * max(size, 1e-30) and change > 1e-30:
+    reference = max(size, magnitude or 0.0, 1e-300)
+    if change > level * reference:
         return False
     lo = min(float(v.min()) for v in finite)
     hi = max(float(v.max()) for v in finite)
@@ -242,13 +252,14 @@ def hold_round_off(ax: Axes, values: Sequence[np.ndarray], level: float) -> bool
     ax.text(
         0.5,
         0.04,
-        f"constant to round-off (largest change {change:.1e}, {change / max(size, 1e-300):.0e} "
-        "relative)",
+        f"constant to round-off\n(largest change {change:.1e}, {change / reference:.0e} of the "
+        "magnitude)",
         transform=ax.transAxes,
         ha="center",
         va="bottom",
         fontsize=7,
         color="0.3",
+        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
     )
     return True
 

@@ -80,6 +80,9 @@ def _series(data: CacheData, kind: str, layer: str, options: Options) -> dict[st
             return out
         emp = full.reshape(full.shape[0], -1).sum(axis=1)
     out["empirical"] = np.asarray(emp, dtype=np.float64)
+    magnitude = data.get(f"{base}/magnitude_sum")
+    if magnitude is not None and not options.norm:
+        out["magnitude"] = np.asarray(magnitude, dtype=np.float64)
     for name in ("exact", "paper"):
         theory = data.get(f"{base}/theory_{name}_sum")
         if theory is not None:
@@ -114,10 +117,13 @@ def draw_values(
     invalid = data.json_attr("invalid", {})
     has_exact = has_paper = False
     values: list[np.ndarray] = []
+    magnitude = 0.0
     for layer, color in zip(layers, layer_colors(len(layers))):
         s = _series(data, kind, layer, options)
         if "empirical" not in s:
             continue
+        if "magnitude" in s and np.isfinite(s["magnitude"]).any():
+            magnitude = max(magnitude, float(np.nanmax(np.abs(s["magnitude"]))))
         label = short(layer)
         if f"{kind}/{layer}" in invalid:
             label += " (no theory: invalid group)"
@@ -130,7 +136,7 @@ def draw_values(
             ax.plot(x, s["paper"], color=darker(color), ls=":", lw=2.0)
             has_paper = True
     mark_lr_drops(ax, data.lr_drops())
-    if hold_round_off(ax, values, round_off_level(data.dtype)):
+    if hold_round_off(ax, values, round_off_level(data.dtype), magnitude):
         pass
     elif spans_decades(values, 2.0) and not options.norm:
         use_log(ax)

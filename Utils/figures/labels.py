@@ -1,29 +1,20 @@
-"""The words and symbols of the figures: one table per kind of symmetry, axes, hyperparameters.
+"""The words and symbols of the figures: per symmetry kind, axes, hyperparameters.
 
 `KIND_LABELS` is the only table of per-kind texts (quantity symbol, short panel title, figure
-title); every figure family reads it through `kind_label`.
+title), taken from the kind specs of `Utils.kinds`; every figure family reads it through
+`kind_label`.
 """
 
 from __future__ import annotations
 
-CONSERVATION = ("translation", "scale", "rescale")
+from Utils.kinds import KIND_NAMES, KINDS
+
+# The symmetry kinds, in the order of `Utils.kinds` (their texts are the specs' own).
+CONSERVATION = KIND_NAMES
 
 KIND_LABELS: dict[str, dict[str, str]] = {
-    "translation": {
-        "quantity": r"$S = \sum\,\theta_A$",
-        "short": "translation (last linear layer)",
-        "title": "translation symmetry (last layer before softmax)",
-    },
-    "scale": {
-        "quantity": r"$|\theta_A|^2$",
-        "short": "scale (channels feeding BatchNorm)",
-        "title": "scale symmetry (channels feeding BatchNorm)",
-    },
-    "rescale": {
-        "quantity": r"$|\theta_{A_1}|^2 - |\theta_{A_2}|^2$",
-        "short": "rescale (homogeneous hidden units)",
-        "title": "rescale symmetry (hidden units between homogeneous layers)",
-    },
+    name: {"quantity": spec.quantity_label, "short": spec.short_title, "title": spec.title}
+    for name, spec in KINDS.items()
 }
 
 X_LABEL = {

@@ -123,7 +123,6 @@ def rc(options: Options) -> dict[str, Any]:
         "grid.alpha": 0.3,
         "lines.linewidth": 1.5,
         "axes.formatter.useoffset": False,
-        "axes.formatter.limits": (-3, 4),
     }
 
 
@@ -145,7 +144,8 @@ def layer_colors(n: int) -> list[tuple[float, float, float, float]]:
 def distinct_colors(n: int) -> list[tuple[float, float, float, float]]:
     """`n` colours that are all different (tab10, tab20, then evenly spaced hues)."""
     if n <= 10:
-        return layer_colors(n)
+        cmap = matplotlib.colormaps["tab10"]
+        return [cmap(i) for i in range(n)]
     if n <= 20:
         cmap = matplotlib.colormaps["tab20"]
         order = [*range(0, 20, 2), *range(1, 20, 2)]  # the ten dark hues first

@@ -19,6 +19,8 @@ from Utils.metrics import (  # noqa: F401  (each module registers its metric)
     symmetry_violation,
     norms,
     distance,
+    budget,
+    equilibrium,
 )
 
 # isort: on

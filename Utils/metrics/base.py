@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from Utils import interrupt
 from Utils.errors import UnknownNameError
 from Utils.groups import Member, SymmetryGroup
 from Utils.kinds import KINDS
@@ -168,6 +169,7 @@ class Context:
 
             starts = tqdm(starts, desc=desc, leave=False, unit="slice", dynamic_ncols=True)
         for start in starts:
+            interrupt.check()
             yield slice(start, min(start + per, self.info.num_rows))
 
     def row_bytes(self, params: Sequence[str], copies: int = 1) -> int:

@@ -356,7 +356,11 @@ def check_cache(path: str) -> str:
                     return f"dataset /{name} is missing"
                 if list(item.shape) != list(shape):
                     return f"dataset /{name} has shape {list(item.shape)}, not {list(shape)}"
-                _read_all(item)
+                try:
+                    _read_all(item)
+                except (OSError, ValueError, RuntimeError) as exc:
+                    reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+                    return f"dataset /{name} cannot be read back ({reason})"
     except CorruptFileError as exc:
         return str(exc).split(";")[0]
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
@@ -379,22 +383,38 @@ def is_up_to_date(
     path: str, metric: str, source_rows: int, source_last_step: int, options: Mapping[str, Any]
 ) -> bool:
     """Whether an existing cache was built from the same features rows with the same options,
-    and is undamaged (`check_cache`)."""
+    and is undamaged (see `out_of_date`)."""
+    return not out_of_date(path, metric, source_rows, source_last_step, options)
+
+
+def out_of_date(
+    path: str, metric: str, source_rows: int, source_last_step: int, options: Mapping[str, Any]
+) -> str:
+    """Why an existing cache must be recomputed ("" when it is up to date).
+
+    Returns:
+        "" when it was built from the same features rows with the same options and
+        `check_cache` finds no damage; "missing", "outdated" (other rows, options or format
+        version) or ``"damaged: <problem>"`` otherwise.
+    """
     info = cache_info(path)
     if info is None:
-        return False
+        return "missing" if not fileio.exists(path) else "damaged: it cannot be opened"
     try:
         stored_options = json.loads(info.get("options", "{}"))
     except (TypeError, ValueError):
-        return False
-    return (
+        return "damaged: its options attribute is unreadable"
+    same = (
         info.get("version") == VERSION
         and info.get("metric") == metric
         and info.get("source_rows") == int(source_rows)
         and info.get("source_last_step") == int(source_last_step)
         and stored_options == json.loads(json.dumps(dict(options), sort_keys=True))
-        and not check_cache(path)
     )
+    if not same:
+        return "outdated"
+    problem = check_cache(path)
+    return f"damaged: {problem}" if problem else ""
 
 
 def load_cache(path: str) -> dict[str, Any]:

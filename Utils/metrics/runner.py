@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from Utils import fileio, storage
+from Utils import fileio, interrupt, storage
 from Utils.errors import DataMissingError, UsageError, UserError
 from Utils.metrics.base import METRICS, Context, FeaturesInfo, parse_metric_list
-from Utils.metrics.io import CacheWriter, cache_path, is_up_to_date, remove_stale_temporaries
+from Utils.metrics.io import CacheWriter, cache_path, out_of_date, remove_stale_temporaries
 
 ONLINE_FILE = "online.h5"  # written during training by Utils/online.py (same layout)
 SOURCES = ("auto", "features", "online")
@@ -78,6 +78,11 @@ def _metric_names(metrics: str | Sequence[str] | None) -> list[str] | None:
         return None
     text = metrics if isinstance(metrics, str) else ",".join(metrics)
     names = parse_metric_list(text)
+    if not names and text.strip():
+        raise UsageError(
+            f"--metrics {text!r} names no metric; give a comma list such as scale,performance, "
+            "or leave --metrics out to compute every metric that applies"
+        )
     return names or None
 
 
@@ -107,7 +112,8 @@ def cache_run(
             one, else online.h5).
 
     Returns:
-        metric name -> "computed", "up to date" or "skipped: <reason>", in registry order.
+        metric name -> "computed" (with the damage found when it replaced a damaged file),
+        "up to date" or "skipped: <reason>", in registry order.
 
     Raises:
         UnknownNameError: an unknown metric name (lists the valid ones).
@@ -149,6 +155,7 @@ def cache_run(
 
             bar = tqdm(plan, desc="metrics", unit="metric", file=sys.stderr, dynamic_ncols=True)
         for name in bar:
+            interrupt.check()
             if progress:
                 bar.set_postfix_str(name)
             statuses[name] = _cache_one(
@@ -179,7 +186,8 @@ def _cache_one(
         options["source"] = filename
     path = cache_path(run_dir, name, suffix)
     remove_stale_temporaries(path)
-    if not overwrite and is_up_to_date(path, name, info.num_rows, info.last_step, options):
+    reason = out_of_date(path, name, info.num_rows, info.last_step, options)
+    if not overwrite and not reason:
         return UP_TO_DATE
     try:
         with CacheWriter(path, name) as writer:
@@ -196,4 +204,6 @@ def _cache_one(
         if failed is None or failed is exc:
             raise
         raise failed from None  # disk full...: the temporary file is gone, earlier caches stay
+    if reason.startswith("damaged"):
+        return f"{COMPUTED} (the old file was {reason})"
     return COMPUTED
