@@ -13,6 +13,7 @@ Everything a script of one's own needs, in one import (docs/API.md has a full ex
         ...; loss.backward(); optimizer.step()
         tracker.measured(); tracker.theory(); tracker.errors()   # in memory, at any step
     tracker.log({"test_loss": 0.3})                      # evaluation metrics of this step
+    LiveFeedback(tracker, tensorboard_dir="results/mine/run1/tensorboard")  # lines, TensorBoard
     tracker.close()                                      # then: cache.py, plot.py
 
 train.py records the same way with ``--track-online N`` (Utils/training.py attaches this
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from Utils.groups import Member, SymmetryGroup, groups_from_json, groups_to_json
 from Utils.kinds import KINDS
+from Utils.live import LiveFeedback
 from Utils.online import FIELDS, ONLINE_FILE, Tracker, default_config, relative_error, track
 from Utils.optimizers import TrackingSGD
 from Utils.symmetry import format_table
@@ -92,6 +94,7 @@ def measure_groups(model: nn.Module, groups: Sequence[SymmetryGroup]) -> dict[st
 __all__ = [
     "FIELDS",
     "KINDS",
+    "LiveFeedback",
     "ONLINE_FILE",
     "Member",
     "SymmetryGroup",

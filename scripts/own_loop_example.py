@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # not needed after pip install
-from Utils.api import detect_groups, track  # noqa: E402
+from Utils.api import LiveFeedback, detect_groups, track  # noqa: E402
 
 run_dir = sys.argv[1] if len(sys.argv) > 1 else "results/mine/run1"
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 200
@@ -28,6 +28,7 @@ model = nn.Sequential(  # Linear-BN-ReLU (scale), Linear-ReLU-Linear (rescale), 
 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
 groups = detect_groups(model, x_all[:64], y_all[:64])
 tracker = track(model, optimizer, groups, run_dir=run_dir, every=1, steps_per_epoch=16)
+live = LiveFeedback(tracker, steps, lines=True, tensorboard_dir=f"{run_dir}/tensorboard")
 for step in range(steps):
     batch = torch.randint(0, 1024, (64,))
     optimizer.zero_grad()
@@ -40,13 +41,10 @@ for step in range(steps):
             out = model(x_all)
             model.train()
         accuracy = (out.argmax(1) == y_all).double().mean().item()
-        tracker.log(
-            {
-                "train_loss": loss.item(),
-                "test_loss": nn.functional.cross_entropy(out, y_all).item(),
-                "top1": accuracy,
-            }
-        )
-        print(f"step {step + 1}: loss {loss.item():.4f}, accuracy {accuracy:.3f}")
+        test_loss = nn.functional.cross_entropy(out, y_all).item()
+        metrics = {"train_loss": loss.item(), "test_loss": test_loss, "top1": accuracy}
+        tracker.log(metrics)  # into online.h5 and metrics.json
+        live.evaluation(metrics)  # a line, and TensorBoard scalars
+live.close()
 tracker.close()
 print(f"tracked {len(groups)} groups into {run_dir}; now run cache.py and plot.py on it")

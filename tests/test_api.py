@@ -338,6 +338,14 @@ def test_own_loop_example_then_cache_and_plot(tmp_path):
     call(str(ROOT / "plot.py"), *flags)
     for name in ("translation", "scale", "rescale", "performance"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 10_000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"loss/train", "loss/test", "accuracy/test_top1", "lr"} <= tags
+    assert any(t.startswith("violation/scale/") for t in tags)
+    assert any(t.startswith("angular_update/rescale/") for t in tags)
 
 
 _PLUGIN = """
