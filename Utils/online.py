@@ -621,10 +621,8 @@ class Tracker:
 
     def worst_error(self, name: str = "exact") -> float:
         """The largest relative error of one prediction over every group and neuron (NaN if none)."""
-        worst = [
-            float(np.nanmax(e[name])) for e in self.errors().values() if e.get(name) is not None
-        ]
-        worst = [w for w in worst if not math.isnan(w)]
+        values = [e[name][~np.isnan(e[name])] for e in self.errors().values() if name in e]
+        worst = [float(v.max()) for v in values if v.size]  # a diverged run has NaN errors
         return max(worst) if worst else math.nan
 
     def last_row(self) -> storage.Row | None:
