@@ -103,9 +103,10 @@ def test_quick_run_prints_every_row(tmp_path):
     assert not [r for r in rows if "FAILED" in r[1]], rows
     by_section = {s: [r for r in rows if r[0] == str(s)] for s in bench.SECTIONS}
     names_1 = [r[1] for r in by_section[1]]
-    assert len(names_1) == len(bench.STEP_MODELS)
-    for spec, name in zip(bench.STEP_MODELS, names_1):
-        assert name.startswith(spec[0])
+    assert len(names_1) == 2 * len(bench.STEP_MODELS)  # tracked SGD, then the budget row
+    for i, spec in enumerate(bench.STEP_MODELS):
+        assert names_1[2 * i].startswith(spec[0])
+        assert names_1[2 * i + 1].startswith(spec[0]) and "budget" in names_1[2 * i + 1]
     assert len(by_section[2]) == 3
     assert len(by_section[3]) == len(bench.STEP_MODELS) + 1
     assert len(by_section[4]) == 1
