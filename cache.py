@@ -14,11 +14,12 @@ from __future__ import annotations
 import sys
 
 from Utils.flags import Parser, add_run_flags, main_wrapper
+from Utils.rundir import RunDir
 
 
 def build_parser() -> Parser:
     """The parser of cache.py."""
-    from Utils.metrics import ALIASES, METRICS
+    from Utils.metrics import ALIASES, METRICS  # the metric modules: loaded for the parser only
 
     p = Parser(
         prog="cache.py",
@@ -66,11 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cache(argv: list[str] | None) -> int:
     """Parses flags, caches the run's metrics and prints each metric's status."""
-    from Utils import fileio
-    from Utils.metrics import cache_path, cache_run
+    from Utils.metrics import cache_path, cache_run  # imports h5py/numpy: not for --help
 
     args = build_parser().parse_args(argv)
-    run_dir = fileio.join(args.save_dir, args.experiment, args.expid)
+    run_dir = RunDir(args.save_dir, args.experiment, args.expid).path
     statuses = cache_run(
         run_dir,
         metrics=args.metrics or None,

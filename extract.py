@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from Utils.flags import Parser, add_run_flags, main_wrapper
+from Utils.rundir import RunDir
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of extract.py."""
-    from Utils.flags import Parser, add_run_flags
-
     p = Parser(
         prog="extract.py",
         description=(
@@ -44,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Extracts the run named by the flags; errors become one line and an exit status."""
-    from Utils.flags import main_wrapper
-
     return main_wrapper(
         _extract, argv, interrupted="interrupted; run the same command again to finish"
     )
@@ -54,10 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 def _extract(argv: list[str] | None) -> int:
     """Parses flags, extracts the run and prints a one-line summary."""
     args = build_parser().parse_args(argv)
-    from Utils import fileio
-    from Utils.extraction import extract_run
+    from Utils.extraction import extract_run  # imports torch: not needed for --help
 
-    run_dir = fileio.join(args.save_dir, args.experiment, args.expid)
+    run_dir = RunDir(args.save_dir, args.experiment, args.expid).path
     report = extract_run(
         run_dir,
         overwrite=args.overwrite,

@@ -20,7 +20,7 @@ import sys
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from Utils import figures  # noqa: E402  (after choosing matplotlib's backend)
-from Utils.flags import Parser, main_wrapper  # noqa: E402
+from Utils.flags import Parser, main_wrapper, run_name  # noqa: E402
 
 
 def plot_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,12 @@ def plot_parser() -> argparse.ArgumentParser:
         ),
     )
     r = p.add_argument_group("runs")
-    r.add_argument("--experiment", default="example", help="experiment name (folder)")
+    r.add_argument(
+        "--experiment",
+        default="example",
+        type=run_name("--experiment"),
+        help="experiment name (folder)",
+    )
     r.add_argument(
         "--expid",
         required=True,

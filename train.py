@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import sys
 
-from Utils.flags import main_wrapper, parse_train_args
+from Utils.flags import given_flags, main_wrapper, parse_train_args
+from Utils.training import train
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parses flags and trains; returns the exit status."""
     config = parse_train_args(argv)
-    from Utils.training import train
-
-    train(config)
+    train(config, given=set(given_flags(argv)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main_wrapper(main))
+    sys.exit(
+        main_wrapper(
+            main, interrupted="interrupted; continue the run with the same command and --resume"
+        )
+    )

@@ -278,12 +278,13 @@ class BudgetTracker:
             cached = self._view_cache[key] = (ids, plan.views(tensors))
         return cached[1]
 
-    def _rates(self, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """eta and eta * lam of every entry of a plan, float64 [total]."""
+    def _rates(self, plan: _Plan) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """eta and eta * lam of a plan: floats when all its groups share them, else float64
+        per entry [total]."""
         hypers = [self._hyper(self._pg_of[g.members[0].param]) for g in plan.groups]
         if len(set(hypers)) == 1:
             lr, wd = hypers[0]
-            return torch.tensor(lr, dtype=torch.float64), torch.tensor(lr * wd, dtype=torch.float64)
+            return lr, lr * wd
         lrs = [lr for (lr, _), n in zip(hypers, plan.sizes) for _ in range(n)]
         lwds = [lr * wd for (lr, wd), n in zip(hypers, plan.sizes) for _ in range(n)]
         device = plan.index.device
@@ -309,13 +310,9 @@ class BudgetTracker:
         if no_grad:
             self._drop(no_grad)
         names = list(dict.fromkeys(n for plan in self._plans.values() for n in plan.names))
-        theta = {}
-        for n in names:  # theta_k, kept in persistent buffers (no allocation)
-            p = self._by_name[n].detach()
-            buf = self._theta.get(n)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                buf = self._theta[n] = torch.empty_like(p)
-            theta[n] = buf.copy_(p)
+        params = [self._by_name[n].detach() for n in names]
+        theta = dict(zip(names, _buffers(self._theta, names, params)))  # theta_k, persistent
+        torch._foreach_copy_(list(theta.values()), params)
         grad = {n: self._by_name[n].grad.detach() for n in names}
         sums, views = {}, {}
         for cls, plan in self._plans.items():
@@ -336,13 +333,12 @@ class BudgetTracker:
             return
         theta = saved["theta"]
         with torch.no_grad():
-            delta = {}  # Delta_k = theta_{k+1} - theta_k [*shape], in persistent buffers
-            for n, t in theta.items():
-                p = self._by_name[n].detach()
-                buf = self._delta.get(n)
-                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                    buf = self._delta[n] = torch.empty_like(p)
-                delta[n] = torch.sub(p, t, out=buf)
+            names = list(theta)
+            params = [self._by_name[n].detach() for n in names]
+            # Delta_k = theta_{k+1} - theta_k [*shape], in persistent buffers
+            delta = dict(zip(names, _buffers(self._delta, names, params)))
+            torch._foreach_copy_(list(delta.values()), params)
+            torch._foreach_sub_(list(delta.values()), list(theta.values()))
             for cls, plan in self._plans.items():
                 lr, lwd, base, tg, gsq = saved["sums"][cls]
                 flat = self._flat[cls]
@@ -444,6 +440,19 @@ def step_terms(
 
 def _squares(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t * t for n, t in values.items()}
+
+
+def _buffers(
+    store: dict[str, torch.Tensor], names: Sequence[str], like: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Persistent tensors shaped like `like` (made once, reused every step: no allocation)."""
+    out = []
+    for n, p in zip(names, like):
+        buf = store.get(n)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = store[n] = torch.empty_like(p)
+        out.append(buf)
+    return out
 
 
 def _slice_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

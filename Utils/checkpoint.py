@@ -1,23 +1,18 @@
-"""Run folders, dense checkpoints (atomic, optionally written in the background) and schedules.
+"""Dense checkpoints (atomic, optionally written in the background) and their schedules.
 
-A run lives in ``<save-dir>/<experiment>/<expid>/``::
-
-    hyperparameters.json   every flag, library versions, git commit
-    metrics.json           evaluation history (step, epoch, losses, accuracies)
-    groups.json            the detected symmetry groups with their violations
-    ckpt/step_00000120.pt  one file per saved step (the step is also stored inside)
-    features.h5            written by extract.py
-    cache/<metric>.h5      written by cache.py
-
-Each checkpoint is a dict saved with ``torch.save``; see `CHECKPOINT_KEYS`.
+A run keeps one file per saved step in ``<run>/ckpt/step_00000120.pt`` (the step is also
+stored inside; the run folder's other files: `Utils.rundir`). Each checkpoint is a dict
+saved with ``torch.save``; see `CHECKPOINT_KEYS`.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import os
-import queue
+import random
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -26,10 +21,10 @@ import torch
 from Utils import fileio
 from Utils.ckptread import UnsafeCheckpointError, safe_torch_load
 from Utils.errors import CorruptFileError, UserError
+from Utils.rundir import CKPT_DIR
 
 FORMAT = "neural-mechanics-checkpoint"
 VERSION = 1
-CKPT_DIR = "ckpt"
 CKPT_PREFIX = "step_"
 CKPT_SUFFIX = ".pt"
 
@@ -111,8 +106,6 @@ def rng_state() -> dict[str, Any]:
     Only plain values and tensors, so that checkpoints load under the allowlist of
     `Utils.ckptread`: numpy's state is a dict of ints, a float and a list of ints.
     """
-    import random
-
     kind, key, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -132,8 +125,6 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restores `rng_state` output (also the numpy tuple of older checkpoints)."""
-    import random
-
     random.setstate(state["python"])
     numpy_state = state["numpy"]
     if isinstance(numpy_state, dict):
@@ -256,7 +247,15 @@ class CheckpointWriter:
 
     The training loop hands over a snapshot (tensors copied to CPU at once, so training may
     go on changing them) and continues; a single writer thread serialises and writes files in
-    order. `close()` waits until every file is complete and re-raises any write error.
+    order. `close()` waits until every file is complete and re-raises any write error;
+    `abort()` (after an interrupt) drops the snapshots not yet started, lets the file being
+    written complete and stops the thread.
+
+    The hand-over is a list guarded by a lock. The training thread never waits on a
+    condition (whose wait an interrupt can leave with its lock released): it polls, sleeping
+    outside the lock; the writer thread's waits time out. So an interrupt at any point of
+    `save` (even between queueing a snapshot and waking the thread) cannot leave `close` or
+    `abort` waiting forever.
 
     Args:
         run_dir: the run folder.
@@ -264,15 +263,22 @@ class CheckpointWriter:
         max_pending: snapshots allowed in the queue before `save` blocks (bounds memory).
     """
 
+    _POLL = 0.05  # seconds between re-checks of every wait
+
     def __init__(self, run_dir: str, background: bool = True, max_pending: int = 8) -> None:
         self.run_dir = run_dir
         self.background = background
+        self.max_pending = max_pending
         self.bytes_written = 0
         self.files_written = 0
         self._error: BaseException | None = None
         fileio.makedirs(checkpoint_dir(run_dir))
         self.removed = remove_temporaries(run_dir)
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # waited on by the writer thread only
+        self._items: collections.deque = collections.deque()
+        self._busy = False
+        self._stop = False
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(target=self._work, name="ckpt-writer", daemon=True)
@@ -285,18 +291,30 @@ class CheckpointWriter:
         if not fileio.is_url(path):
             self.bytes_written += fileio.getsize(path)
 
+    def _next(self) -> tuple[int, dict[str, Any]] | None:
+        """The writer thread's next snapshot (None: stop)."""
+        with self._cond:
+            while not self._items:
+                if self._stop:
+                    return None
+                self._cond.wait(self._POLL)
+            self._busy = True
+            return self._items.popleft()
+
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._next()
+            if item is None:
+                return
             try:
-                if item is None:
-                    return
                 if self._error is None:
                     self._write(*item)
             except BaseException as exc:  # reported by the training thread
                 self._error = exc
             finally:
-                self._queue.task_done()
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -318,24 +336,58 @@ class CheckpointWriter:
             except OSError as err:
                 self._error = err
         else:
-            self._queue.put((step, snapshot))
+            while not self._offer((step, snapshot)):
+                time.sleep(self._POLL)
         self._raise_pending()
+
+    def _offer(self, item: tuple[int, dict[str, Any]]) -> bool:
+        """Queues a snapshot if there is room (or the thread is gone); whether it did."""
+        with self._lock:
+            if len(self._items) >= self.max_pending and self._thread.is_alive():
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def _idle(self) -> bool:
+        """Whether nothing is queued or being written (or the thread is gone)."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return not alive or (not self._items and not self._busy)
 
     def flush(self) -> None:
         """Blocks until every queued checkpoint is on disk."""
         if self._thread is not None:
-            self._queue.join()
+            while True:
+                with self._lock:
+                    if self._idle():
+                        break
+                time.sleep(self._POLL)
         self._raise_pending()
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            with self._lock:
+                self._stop = True
+                self._cond.notify_all()
+            self._thread.join()
+            self._thread = None
 
     def close(self) -> None:
         """Flushes and stops the writer thread."""
         try:
             self.flush()
         finally:
-            if self._thread is not None and self._thread.is_alive():
-                self._queue.put(None)
-                self._thread.join()
-                self._thread = None
+            self._stop_thread()
+
+    def abort(self) -> None:
+        """Drops the queued snapshots, waits for the file being written, stops the thread.
+
+        Every file on disk is then complete: the run resumes from the newest one.
+        """
+        with self._lock:
+            self._items.clear()
+        self._stop_thread()
+        self._error = None
 
 
 def save_steps(

@@ -100,17 +100,21 @@ class Unsupported(Exception):
 
 
 @contextlib.contextmanager
-def _archive(path: str) -> Iterator[tuple[np.ndarray, zipfile.ZipFile]]:
+def _archive(path: str, data: bytes | None = None) -> Iterator[tuple[np.ndarray, zipfile.ZipFile]]:
     """The file's bytes (memory-mapped when local) and its zip directory.
+
+    Args:
+        path: local path or fsspec URL.
+        data: the file's bytes when already read (a URL is read here otherwise).
 
     Raises:
         CorruptFileError: not a zip archive (truncated, or not written by torch.save).
     """
-    if fileio.is_url(path):
+    if data is None and fileio.is_url(path):
         with fileio.open_read(path) as fh:
             data = fh.read()
     try:
-        if fileio.is_url(path):
+        if data is not None:
             blob = np.frombuffer(data, dtype=np.uint8)
             archive = zipfile.ZipFile(io.BytesIO(data))
         else:
@@ -186,29 +190,20 @@ def verify_crc(path: str) -> None:
 
 def _allowed_callables() -> list[Any]:
     """`SAFE_GLOBALS` as torch.serialization wants them (objects, or (object, name))."""
-    import numpy as np_mod
-
-    out: list[Any] = []
-    for module, name in SAFE_GLOBALS:
-        obj = _import_global(np_mod, module, name)
-        if obj is None:
-            continue
-        qualified = f"{module}.{name}"
-        out.append(obj if f"{obj.__module__}.{obj.__name__}" == qualified else (obj, qualified))
-    return out
-
-
-def _import_global(np_mod: Any, module: str, name: str) -> Any:
-    """The numpy object `module.name`, or None where this numpy lacks it."""
     import importlib
     import warnings
 
-    with warnings.catch_warnings():  # numpy 2 warns on numpy.core
-        warnings.simplefilter("ignore")
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            return None
+    out: list[Any] = []
+    for module, name in SAFE_GLOBALS:
+        with warnings.catch_warnings():  # numpy 2 warns on numpy.core
+            warnings.simplefilter("ignore")
+            try:
+                obj = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):  # not in this numpy version
+                continue
+        qualified = f"{module}.{name}"
+        out.append(obj if f"{obj.__module__}.{obj.__name__}" == qualified else (obj, qualified))
+    return out
 
 
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
@@ -229,16 +224,17 @@ def safe_torch_load(path: str, map_location: Any = "cpu", mmap: bool = False) ->
     """
     import torch
 
-    verify_crc(path)
+    data = None
+    if fileio.is_url(path):
+        with fileio.open_read(path) as fh:
+            data = fh.read()
+    with _archive(path, data) as (blob, archive):
+        _verify_archive(blob, archive, path)
     with torch.serialization.safe_globals(_allowed_callables()):
-        if fileio.is_url(path):
-            with fileio.open_read(path) as fh:
-                source: Any = io.BytesIO(fh.read())
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+        source: Any = fileio.local_path(path) if data is None else io.BytesIO(data)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+        if data is not None:
             source.seek(0)
-        else:
-            source = fileio.local_path(path)
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
         if unsafe:
             raise UnsafeCheckpointError(path, unsafe[0])
         try:

@@ -393,7 +393,7 @@ def _has_files(path: Path) -> bool:
 def _open_tiny_split(root: Path, train: bool, download: bool) -> Dataset:
     """Opens Tiny ImageNet as distributed, once val/ is sorted into class folders."""
     base = root / "tiny-imagenet-200"
-    setup = f"python Utils/tiny-imagenet-setup.py --data-dir {root}"
+    setup = f"python scripts/tiny_imagenet_setup.py --data-dir {root}"
     train_dir, val_dir = base / "train", base / "val"
     classes = _subfolders(train_dir)
     if not classes or not val_dir.is_dir():

@@ -29,6 +29,7 @@ both backends:
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,9 @@ class ReplicaMismatchError(RuntimeError):
 
 @dataclass
 class DistContext:
-    """Where this process stands in a distributed run.
+    """Where this process stands in a distributed run (torch.distributed collectives).
+
+    `Utils.xla.XlaContext` subclasses it with XLA's collectives.
 
     Attributes:
         rank: global rank (0 on a single process).
@@ -79,10 +82,6 @@ class DistContext:
     def _reduce(self, values: torch.Tensor, op: str) -> torch.Tensor:
         if not self.distributed:
             return values
-        if self.backend == "xla":
-            from Utils import xla
-
-            return xla.all_reduce(values, op)
         out = values.detach().to(self.comm_device, copy=True)
         dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return out.to(values.device)
@@ -97,23 +96,13 @@ class DistContext:
 
     def barrier(self) -> None:
         """Waits for every rank."""
-        if not self.distributed:
-            return
-        if self.backend == "xla":
-            from Utils import xla
-
-            xla.barrier()
-        else:
+        if self.distributed:
             dist.barrier()
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's picklable object, on every rank."""
         if not self.distributed:
             return obj
-        if self.backend == "xla":
-            from Utils import xla
-
-            return xla.broadcast_object(obj, self.is_master)
         box = [obj if self.is_master else None]
         dist.broadcast_object_list(box, src=0, device=self.comm_device)
         return box[0]
@@ -121,11 +110,6 @@ class DistContext:
     def broadcast_tensors_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Overwrites tensors in place with rank 0's values (e.g. BatchNorm buffers)."""
         if not self.distributed or not tensors:
-            return
-        if self.backend == "xla":
-            from Utils import xla
-
-            xla.broadcast_tensors_(tensors)
             return
         for t in tensors:
             buf = t.detach().to(self.comm_device, copy=True)
@@ -172,8 +156,6 @@ class DistContext:
 
 
 def _picklable(obj: Any) -> bool:
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(obj))
     except Exception:

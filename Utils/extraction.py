@@ -51,31 +51,14 @@ from Utils import ckptread, fileio, interrupt, storage
 from Utils.budget import FIELD_PREFIX, budget_arrays
 from Utils.checkpoint import FORMAT as CKPT_FORMAT
 from Utils.checkpoint import METRIC_NAMES, checkpoint_dir, list_checkpoints, load_checkpoint
+from Utils.config import RUN_VARIABLE_KEYS
 from Utils.errors import CorruptFileError, UserError
+from Utils.rundir import RunDir
 from Utils.storage import DatasetSpec, FeaturesWriter, LayoutMismatchError, Row
 
-# Config keys that may differ between the checkpoints of one run (set per invocation when a
-# run is resumed on another machine, or from another folder after it was moved: train.py takes
-# the location flags of the resuming command); ignored when deciding whether two configs are
-# one run.
-MACHINE_KEYS = frozenset(
-    {
-        "experiment",
-        "expid",
-        "save_dir",
-        "device",
-        "gpu",
-        "tpu",
-        "workers",
-        "verbose",
-        "no_progress",
-        "sync_save",
-        "resume",
-        "overwrite",
-        "data_dir",
-        "model_dir",
-    }
-)
+# Config keys that may differ between the checkpoints of one run (machine and location flags,
+# --epochs extended on --resume); ignored when deciding whether two configs are one run.
+MACHINE_KEYS = RUN_VARIABLE_KEYS
 
 BLOCK_BYTES = 64 << 20  # rows are committed in blocks of at most this many bytes ...
 BLOCK_ROWS = 32  # ... and at most this many rows
@@ -460,11 +443,7 @@ class ExtractionReport:
 
 def _check_same_run(writer: FeaturesWriter, ref: _Scan, run_dir: str) -> None:
     """Raises UserError when the open file was extracted from another run."""
-    save_dir, experiment, expid = storage.run_location(run_dir)
-    fix = (
-        f"rebuild it with python extract.py --save-dir {save_dir} --experiment {experiment} "
-        f"--expid {expid} --overwrite"
-    )
+    fix = f"rebuild it with {RunDir.from_path(run_dir).command('extract.py', '--overwrite')}"
     try:
         stored = json.loads(writer.hyperparameters)
     except ValueError:
@@ -786,13 +765,10 @@ def _extract_run(
     run_dir: str, overwrite: bool, skip_bad: bool, verbose: bool, progress: bool, t0: float
 ) -> ExtractionReport:
     """`extract_run` once the run is locked."""
-    save_dir, experiment, expid = storage.run_location(run_dir)
     paths = list_checkpoints(run_dir)
     if not paths:
-        raise UserError(
-            f"run {run_dir} has no checkpoints; train it first with python train.py "
-            f"--save-dir {save_dir} --experiment {experiment} --expid {expid} ... --save-freq N"
-        )
+        hint = RunDir.from_path(run_dir).command("train.py", "...", "--save-freq", "N")
+        raise UserError(f"run {run_dir} has no checkpoints; train it first with {hint}")
     log = _Log(verbose)
     target = storage.features_path(run_dir)
     report = ExtractionReport(run_dir=run_dir, path=target, checkpoints=len(paths))

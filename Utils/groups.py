@@ -131,8 +131,9 @@ class SymmetryGroup:
 
 
 def groups_to_json(groups: Iterable[SymmetryGroup]) -> str:
-    """Serialises groups to a JSON string."""
-    return json.dumps([g.to_dict() for g in groups])
+    """Serialises groups to a JSON string, keys sorted so that equal groups give equal text
+    (a group rebuilt from groups.json and a freshly verified one, for instance)."""
+    return json.dumps([g.to_dict() for g in groups], sort_keys=True)
 
 
 def groups_from_json(text: str) -> list[SymmetryGroup]:
@@ -193,7 +194,9 @@ class _SquarePart:
 
     Attributes:
         op: "ident" (1-d member kept whole), "all" (dim None), "rows" (kept axis first): norms,
-            squared afterwards; "cols" (2-d, kept axis 1), "sum" (other): sums of squares.
+            squared afterwards; "cols" (2-d, kept axis 1), "sum" (other): sums of squares;
+            "rowcol": one parameter kept by rows and by axis `dim` (two members), sums of
+            squares of both from one pass.
         names: parameter names, stacked on a new leading axis when more than one.
         nd: number of dimensions of the parameters.
         dim: the kept axis (None for "all").
@@ -307,7 +310,9 @@ class Reducer:
                 x = values[part.names[0]]  # [*shape] or stacked [P, *shape]
             # every reduction runs on float64 chunks (accumulated in float64 for any dtype)
             stacked = len(part.names) > 1
-            if part.op == "ident":
+            if part.op == "rowcol":
+                out = _rows_and_columns(x, part.dim)  # [shape[0] + shape[dim]]
+            elif part.op == "ident":
                 out = x.to(torch.float64)  # [slices]
             elif part.op == "all":
                 total = _wide(x, lambda c: c.square().sum().reshape(1), "sum")  # [1]
@@ -348,8 +353,25 @@ class Reducer:
                 op = "cols" if nd == 2 else "sum"
             small = op in ("rows", "cols") and nd == 2 and math.prod(shape) <= _STACK_LIMIT
             batches.setdefault((op, shape) if small else (op, i), []).append(m)
+        # a parameter reduced both by rows (its own units) and by another axis (the units of
+        # the layer before it): one pass over one float64 copy serves both ("rowcol")
+        single = {k: ms[0] for k, ms in batches.items() if len(ms) == 1}
+        rows_of = {m[0]: k for k, m in single.items() if k[0] == "rows"}
+        for key, m in list(single.items()):
+            if key[0] in ("cols", "sum") and m[0] in rows_of and rows_of[m[0]] in batches:
+                row_member = batches.pop(rows_of.pop(m[0]))[0]
+                del batches[key]
+                batches[("rowcol", key[1])] = [row_member, m]
         parts, members, sizes, norm = [], [], [], []
         for (op, _), ms in batches.items():
+            if op == "rowcol":
+                (name, nd, _), col_dim = ms[0][:3], ms[1][2]
+                parts.append(_SquarePart(op, (name,), nd, col_dim))
+                for m in ms:
+                    members.append(m)
+                    sizes.append(shapes[name][m[2]])
+                    norm += [False] * sizes[-1]
+                continue
             ms = sorted(ms, key=lambda m: order[m[0]])  # same order -> shared stacks
             name, nd, dim = ms[0][:3]
             parts.append(_SquarePart(op, tuple(m[0] for m in ms), nd, dim))
@@ -380,6 +402,28 @@ class Reducer:
             index += [first + j // block for j in range(n)]
             sign += [s] * n
         return index, sign
+
+
+def _rows_and_columns(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of squares of x [*shape] per index of axis 0 and per index of axis `dim` >= 1.
+
+    Returns:
+        float64 [shape[0] + shape[dim]]: the row sums, then the `dim` sums, accumulated in
+        float64 on cache-sized chunks along axis 0.
+    """
+    import torch  # lazily: see the module docstring
+
+    kept, after = x.shape[dim], math.prod(x.shape[dim + 1 :])
+    flat = x.reshape(x.shape[0], -1)  # [rows, rest]
+    step = max(1, _CHUNK // max(1, flat.shape[1]))
+    rows, cells = [], None
+    for chunk in flat.split(step):
+        sq = chunk.to(torch.float64).square_() if chunk.dtype != torch.float64 else chunk.square()
+        rows.append(sq.sum(dim=1))  # [k]
+        part = sq.reshape(-1, kept * after).sum(dim=0)  # [kept * after]
+        cells = part if cells is None else cells.add_(part)
+    columns = cells.reshape(kept, after).sum(dim=1)  # [kept]
+    return torch.cat([*rows, columns])
 
 
 def _wide(x: torch.Tensor, fn, combine: str) -> torch.Tensor:

@@ -273,3 +273,67 @@ def _nanmax(values: Any) -> float:
 
 def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2e}"
+
+
+class TrackingCallback:
+    """The training loop's hook (`Utils.training.Callback`) for ``--track-online``, the lines
+    per evaluation and ``--tensorboard``: one code path with the API (`Utils.api.track`)."""
+
+    def __init__(self) -> None:
+        self.online: Tracker | None = None
+        self.live: LiveFeedback | None = None
+        self._started = False
+
+    def _ensure(self, trainer) -> None:
+        if self._started or not trainer.ctx.is_master:
+            return
+        self._started = True
+        from Utils.budget import FIELD_PREFIX
+        from Utils.online import for_training as online_for_training
+
+        budget = getattr(trainer, "budget", None)
+        cfg, model = trainer.cfg, getattr(trainer.model, "module", trainer.model)
+        self.online = online_for_training(
+            cfg,
+            model,
+            trainer.optimizer,
+            trainer.groups,
+            trainer.run_dir,
+            trainer.steps_per_epoch,
+            trainer.step,
+            theory_sources=[(FIELD_PREFIX, budget)] if budget is not None else [],
+        )
+        self.live = for_training(
+            cfg,
+            model,
+            trainer.optimizer,
+            trainer.groups,
+            trainer.run_dir,
+            trainer.steps_per_epoch,
+            trainer.eval_every,
+            trainer.total_steps,
+            trainer.step,
+            self.online,
+        )
+
+    def on_train_start(self, trainer) -> None:  # noqa: D102
+        self._ensure(trainer)
+
+    def on_step_end(self, trainer) -> None:  # noqa: D102
+        pass
+
+    def on_checkpoint(self, trainer, step: int) -> None:  # noqa: D102
+        pass
+
+    def on_evaluation(self, trainer, metrics: dict[str, float]) -> None:  # noqa: D102
+        self._ensure(trainer)
+        if self.online is not None:
+            self.online.log(metrics)
+        if self.live is not None:
+            self.live.evaluation(metrics)
+
+    def on_train_end(self, trainer, result) -> None:  # noqa: D102
+        if self.online is not None:
+            self.online.close()
+        if self.live is not None:
+            self.live.close()

@@ -56,6 +56,7 @@ import numpy as np
 from Utils import fileio
 from Utils.errors import CorruptFileError, UserError
 from Utils.groups import SymmetryGroup, groups_from_json
+from Utils.rundir import RunDir
 
 FORMAT = "neural-mechanics-features"
 VERSION = 1
@@ -111,17 +112,13 @@ def metric_path(name: str) -> str:
 
 def run_location(run_dir: str) -> tuple[str, str, str]:
     """``(save_dir, experiment, expid)`` of a run folder ``<save-dir>/<experiment>/<expid>``."""
-    path = fileio.local_path(str(run_dir)).rstrip("/")
-    expid = os.path.basename(path)
-    experiment = os.path.basename(os.path.dirname(path))
-    save_dir = os.path.dirname(os.path.dirname(path)) or "."
-    return save_dir, experiment, expid
+    run = RunDir.from_path(fileio.local_path(str(run_dir)))
+    return run.save_dir, run.experiment, run.expid
 
 
 def extract_command(run_dir: str) -> str:
     """The extract.py command line that (re)builds a run's ``features.h5``."""
-    save_dir, experiment, expid = run_location(run_dir)
-    return f"python extract.py --save-dir {save_dir} --experiment {experiment} --expid {expid}"
+    return RunDir.from_path(fileio.local_path(str(run_dir))).command("extract.py")
 
 
 # ----------------------------------------------------------------------------- reading

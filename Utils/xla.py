@@ -4,10 +4,11 @@ Only this module imports ``torch_xla`` (lazily, so the rest of the project runs 
 It uses the ``torch_xla.runtime`` API of torch-xla 2.x (``xr.world_size()``,
 ``xr.global_ordinal()``); the XRT-era ``xm.xrt_world_size()``/``xm.get_ordinal()`` are gone.
 
-A TPU run is `spawn_train`: ``xmp.spawn`` starts one process per XLA device (or runs one
-process in place with ``--workers 1``); each process builds a `DistContext` with backend
-``"xla"`` and runs the same training loop as single-process and DDP runs
-(`Utils.training.run_training`). The loop differs only where XLA needs it:
+A TPU run is ``spawn(run_training, cfg)``: ``xmp.spawn`` starts one process per XLA device
+(or runs one process in place with ``--workers 1``); each process builds an `XlaContext` (a
+`DistContext` whose collectives are XLA's) and runs the per-process function it is given,
+the same training loop as single-process and DDP runs (``Utils.training.run_training``; this
+module does not import the training module). The loop differs only where XLA needs it:
 
 * batches are cut on the CPU (each rank its contiguous slice of the global batch, exactly as
   under DDP) and moved by ``MpDeviceLoader``, which also marks the step after each batch;
@@ -26,11 +27,12 @@ import io
 import os
 import pickle
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from Utils.distributed import DistContext
 from Utils.errors import UsageError
 
 INSTALL_HINT = (
@@ -70,12 +72,31 @@ def device() -> torch.device:
     return torch_xla.device()
 
 
-def context():
-    """The `DistContext` of this XLA process (rank and world size from ``torch_xla.runtime``)."""
-    from Utils.distributed import DistContext
+class XlaContext(DistContext):
+    """A `DistContext` whose collectives run through torch-xla (one process per XLA device)."""
 
+    def _reduce(self, values: torch.Tensor, op: str) -> torch.Tensor:
+        return all_reduce(values, op) if self.distributed else values
+
+    def barrier(self) -> None:
+        """Waits for every replica."""
+        if self.distributed:
+            barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """The master's picklable object, on every replica."""
+        return broadcast_object(obj, self.is_master) if self.distributed else obj
+
+    def broadcast_tensors_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Overwrites XLA tensors in place with the master's values."""
+        if self.distributed:
+            broadcast_tensors_(tensors)
+
+
+def context() -> XlaContext:
+    """The context of this XLA process (rank and world size from ``torch_xla.runtime``)."""
     _, _, xr = _modules()
-    return DistContext(
+    return XlaContext(
         rank=int(xr.global_ordinal()),
         world_size=int(xr.world_size()),
         local_rank=int(xr.local_ordinal()),
@@ -165,14 +186,16 @@ def barrier() -> None:
     xm.rendezvous("neural-mechanics-barrier")
 
 
-def spawn_train(cfg: dict[str, Any]):
-    """Runs training on XLA devices with ``xmp.spawn`` and returns the master's `RunResult`.
+def spawn(fn: Callable[[dict[str, Any], DistContext], Any], cfg: dict[str, Any]) -> Any:
+    """Runs ``fn(cfg, ctx)`` in every XLA process (``xmp.spawn``); returns the master's value.
 
     ``--workers 1`` runs one process in place; any other value starts one process per XLA
     device (all of them: torch-xla's ``spawn`` takes 1 or all devices; restrict the devices
     with the ``TPU_NUM_DEVICES``/``CPU_NUM_DEVICES`` environment variables).
 
     Args:
+        fn: the per-process function (e.g. ``Utils.training.run_training``); it must pickle
+            (a module-level function) and its value too.
         cfg: the complete, validated training config.
 
     Raises:
@@ -188,7 +211,7 @@ def spawn_train(cfg: dict[str, Any]):
     fd, result_path = tempfile.mkstemp(prefix="nm-xla-result-", suffix=".pkl")
     os.close(fd)
     try:
-        xmp.spawn(_worker, args=(cfg, result_path), nprocs=nprocs, start_method="spawn")
+        xmp.spawn(_worker, args=(fn, cfg, result_path), nprocs=nprocs, start_method="spawn")
         with open(result_path, "rb") as f:
             data = f.read()
         if not data:
@@ -198,12 +221,10 @@ def spawn_train(cfg: dict[str, Any]):
         os.remove(result_path)
 
 
-def _worker(index: int, cfg: dict[str, Any], result_path: str) -> None:
-    """One XLA process: trains and (on the master) stores the result for the parent."""
-    from Utils.training import run_training
-
+def _worker(index: int, fn: Callable, cfg: dict[str, Any], result_path: str) -> None:
+    """One XLA process: runs `fn` and (on the master) stores its value for the parent."""
     ctx = context()
-    result = run_training(dict(cfg), ctx)
+    result = fn(dict(cfg), ctx)
     if ctx.is_master:
         buf = io.BytesIO()
         pickle.dump(result, buf)

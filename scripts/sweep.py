@@ -33,6 +33,11 @@ from Utils.flags import Parser, main_wrapper  # noqa: E402
 _OWNED = ("--experiment", "--expid", "--save-dir", "--lr", "--wd")
 
 
+def _owned(flag: str) -> bool:
+    """Whether a train.py flag (or an abbreviation of one) is one the sweep sets itself."""
+    return flag.startswith("--") and len(flag) > 2 and any(o.startswith(flag) for o in _OWNED)
+
+
 def sweep_parser() -> argparse.ArgumentParser:
     """The parser of scripts/sweep.py."""
     p = Parser(
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         wds = parse_values(args.wds, "--wds", positive=False)
         if args.jobs < 1:
             raise UsageError(f"--jobs must be >= 1 (got {args.jobs})")
-        owned = [f for f in train_flags if f.split("=")[0] in _OWNED]
+        # a prefix counts too: train.py would read --expi as --expid
+        owned = [f for f in train_flags if _owned(f.split("=")[0])]
         if owned:
             raise UsageError(f"{owned[0]} is set by the sweep itself; remove it")
     except UsageError as err:

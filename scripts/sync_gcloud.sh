@@ -10,9 +10,10 @@ Copy the run folder SAVE_DIR/EXPERIMENT/EXPID (or every run of EXPERIMENT) to
 DEST/EXPERIMENT[/EXPID], the layout extract.py, cache.py and plot.py read with
 --save-dir DEST. Files already present and unchanged are not copied again.
 
-SAVE_DIR is train.py's --save-dir: a gs://BUCKET/PATH URL, copied with
-`gcloud storage rsync`, or, with --tpu and --zone, a folder on a TPU VM, copied with
-`gcloud compute tpus tpu-vm scp`.
+EXPERIMENT and EXPID follow train.py's run-name rule (1-100 letters, digits, '.', '_' or
+'-', starting with a letter or digit). SAVE_DIR is train.py's --save-dir: a gs://BUCKET/PATH
+URL, copied with `gcloud storage rsync`, or, with --tpu and --zone, a folder on a TPU VM
+(plain path characters only), copied with `gcloud compute tpus tpu-vm scp`.
 
 Options:
   --dest DIR          local save dir (default results)

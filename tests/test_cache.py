@@ -97,12 +97,11 @@ def max_errors(run: Path, kind: str, field: str = "exact") -> dict[str, float]:
 
 
 def test_bn_run_all_metrics(bn_run, bn_statuses):
-    """Every applicable metric is computed; exact theory within 1e-4."""
-    expected = {n: "computed" for n in METRICS.names() if n != "rescale"}
-    assert {n: s for n, s in bn_statuses.items() if n != "rescale"} == expected
-    assert bn_statuses["rescale"].startswith("skipped: ") and "rescale" in bn_statuses["rescale"]
+    """Every metric is computed (rescale: the BatchNorm affine groups); exact theory within 1e-4."""
+    expected = {n: "computed" for n in METRICS.names()}
+    assert bn_statuses == expected
     assert cache_files(bn_run) == sorted(f"{n}.h5" for n in expected)
-    for kind in ("translation", "scale"):
+    for kind in ("translation", "scale", "rescale"):
         errors = max_errors(bn_run, kind)
         assert errors, f"no valid {kind} group"
         assert max(errors.values()) <= 1e-4, (kind, errors)
@@ -153,7 +152,7 @@ def test_fc_run_rescale_and_skips(fc_run):
 def test_reuse_overwrite_and_suffix(bn_run, bn_statuses):
     """Up-to-date caches are reused; --overwrite, --suffix and --subset."""
     again = cache_run(str(bn_run), progress=False)
-    assert {n for n, s in again.items() if s == "up to date"} == set(bn_statuses) - {"rescale"}
+    assert {n for n, s in again.items() if s == "up to date"} == set(bn_statuses)
     before = os.stat(bn_run / "cache" / "scale.h5").st_mtime_ns
     assert cache_run(str(bn_run), metrics="scale-momentum", progress=False) == {
         "scale": "up to date"
@@ -270,9 +269,7 @@ def test_killed_then_rerun_equals_clean(bn_run, bn_statuses, tmp_path):
     statuses = cache_run(str(run), progress=False)
     reused = {n for n, s in statuses.items() if s == "up to date"}
     assert reused == {n[: -len(".h5")] for n in done}
-    assert {n for n, s in statuses.items() if s == "computed"} == set(statuses) - reused - {
-        "rescale"
-    }
+    assert {n for n, s in statuses.items() if s == "computed"} == set(statuses) - reused
     assert not [n for n in cache_files(run) if n.endswith(".tmp")]
     assert cache_files(run) == cache_files(bn_run)
     for name in cache_files(bn_run):

@@ -24,7 +24,7 @@ from Utils.data import DATASETS, dataset_info, get_data, sample_batch
 from Utils.errors import CorruptFileError, DataMissingError, UnknownNameError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
-SETUP_SCRIPT = ROOT / "Utils" / "tiny-imagenet-setup.py"
+SETUP_SCRIPT = ROOT / "scripts" / "tiny_imagenet_setup.py"
 MNIST_STATS = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 IDX_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 WNIDS = ("n01443537", "n01629819", "n01641577")
@@ -368,7 +368,7 @@ def test_rank_slices_concatenate_to_the_global_batch(tmp_path):
 
 def test_tiny_imagenet_setup_script_and_loader(tmp_path):
     base = make_tiny(tmp_path)
-    with pytest.raises(DataMissingError, match="tiny-imagenet-setup.py"):
+    with pytest.raises(DataMissingError, match="tiny_imagenet_setup.py"):
         get_data("tiny-imagenet", tmp_path)
     first = run_setup(tmp_path)
     assert first.returncode == 0 and "moved 6" in first.stdout, first.stderr

@@ -586,7 +586,7 @@ def test_float64_model_keeps_its_dtype(tmp_path):
 
 def test_train_run_rows_align_with_the_theory(tmp_path):
     """A real train.py run: rows, eval metrics and theory state line up with the parameters."""
-    from Utils.flags import default_config
+    from Utils.config import defaults as default_config
     from Utils.groups import group_sum_np
     from Utils.training import train
 

@@ -304,6 +304,26 @@ def test_reducer_equals_group_sum():
     for row in range(3):
         one = torch.cat([group_sum({n: t[row] for n, t in x.items()}, g) for g in groups])
         np.testing.assert_allclose(one.numpy(), want[row], rtol=1e-14, atol=1e-14)
+    # squares: "c" is kept by rows in one group and by columns in another (one shared pass),
+    # "a" (4-d) by rows; float32 and float64 inputs
+    sq = {n: a * a for n, a in arrays.items()}
+    want_sq = np.concatenate([group_sum_np(sq, g, lead=1) for g in groups], axis=-1)
+    for dtype in (torch.float64, torch.float32):
+        for row in range(3):
+            got = reducer.squares({n: t[row].to(dtype) for n, t in x.items()})
+            ref = want_sq[row]
+            if dtype == torch.float32:
+                narrow = {n: t[row].float().double().numpy() for n, t in x.items()}
+                ref = np.concatenate(
+                    [group_sum_np({n: a * a for n, a in narrow.items()}, g) for g in groups]
+                )
+            np.testing.assert_allclose(got.numpy(), ref, rtol=1e-13, atol=1e-14)
+    pair = Reducer([groups[1], groups[3]], {n: len(s) for n, s in shapes.items()})
+    got = pair.squares({n: t[0] for n, t in x.items()})
+    ref = np.concatenate([group_sum_np(sq, g, lead=1)[0] for g in (groups[1], groups[3])])
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-13, atol=1e-14)
+    plan = next(iter(pair._plans.values()))
+    assert "rowcol" in [p.op for p in plan.parts]
 
 
 def test_reducer_accumulates_float32_in_float64():

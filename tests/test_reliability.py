@@ -622,3 +622,316 @@ def test_second_writer_is_refused_unless_overwrite(tmp_path):
     configs = {load_checkpoint(p)["config"]["model"] for p in list_checkpoints(str(run))}
     assert configs == {"logistic"}
     assert json.loads((run / "hyperparameters.json").read_text())["config"]["model"] == "logistic"
+
+
+# ----------------------------------------------------------------------------- run names
+
+
+def assert_refused(result: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    """A command refused with one line holding every needle and the exit status `code`."""
+    line = one_line(result.stderr)
+    assert result.returncode == code, (result.returncode, line)
+    for needle in needles:
+        assert needle in line, (needle, line)
+    return line
+
+
+def tree(root: Path) -> dict[str, int]:
+    """Relative path -> size of every file (-1: folder) under a folder."""
+    return {
+        str(p.relative_to(root)): p.stat().st_size if p.is_file() else -1
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_run_names_are_validated_and_overwrite_stays_inside_the_run(tmp_path):
+    """--expid .., ., ../../x, an absolute --experiment, empty or too long names: refused."""
+    save = tmp_path / "save"
+    for name in ("t/other/ckpt/step_00000000.pt", "t/other/hyperparameters.json", "mine.txt"):
+        (save / name).parent.mkdir(parents=True, exist_ok=True)
+        (save / name).write_text("keep me")
+    outside = tmp_path / "abs"
+    before = tree(tmp_path)
+    quick = ["--dataset", "synthetic", "--model", "logistic", "--epochs", "1", "--no-progress"]
+    where = ["--save-dir", str(save)]
+    cases = [
+        ("train.py", [*where, "--experiment", "t", "--expid", "..", "--overwrite", *quick]),
+        ("train.py", [*where, "--experiment", "t", "--expid", ".", "--overwrite", *quick]),
+        ("train.py", [*where, "--experiment", "t", "--expid", "../../x", *quick]),
+        ("train.py", [*where, "--experiment", str(outside), "--expid", "a", *quick]),
+        ("train.py", [*where, "--experiment", "", "--expid", "a", *quick]),
+        ("train.py", [*where, "--experiment", "t", "--expid", "x" * 300, *quick]),
+        ("extract.py", [*where, "--experiment", "t", "--expid", ""]),
+        ("cache.py", [*where, "--experiment", "t", "--expid", ".."]),
+        ("plot.py", [*where, "--experiment", "..", "--expid", "a"]),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda c: run_script(c[0], *c[1]), cases))
+    for (_, args), result in zip(cases, results):
+        flag = "--experiment" if args[args.index("--experiment") + 1] in ("", "..") else "--expid"
+        if args[args.index("--experiment") + 1] == str(outside):
+            flag = "--experiment"
+        assert_refused(result, 2, flag)
+    assert tree(tmp_path) == before, "a refused command wrote or deleted files"
+    assert not outside.exists() and not (tmp_path / "x").exists()
+
+
+def test_overwrite_removes_only_what_the_scripts_wrote(small_reference, tmp_path):
+    run = tmp_path / "t" / "o"
+    shutil.copytree(small_reference, run)
+    (run / "notes.txt").write_text("my notes")
+    (run / "ckpt" / ".step_00000009.pt.x.tmp").write_bytes(b"half")
+    train({**SMALL, "expid": "o", "save_dir": str(tmp_path), "overwrite": True})
+    assert (run / "notes.txt").read_text() == "my notes"
+    assert hidden(run / "ckpt") == []
+    assert_same_checkpoints(str(run), small_reference)
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+INTERRUPT_SAVE = r"""
+import linecache, os, sys, threading
+sys.path.insert(0, sys.argv[1])
+from Utils.checkpoint import CheckpointWriter, list_checkpoints, load_checkpoint
+import torch
+
+folder, limit = sys.argv[2], int(sys.argv[3])
+watched = ("checkpoint.py", "queue.py", "threading.py")
+copying = {"copy", "tensor", "_copy", "finish", "_to_cpu_copy", "<dictcomp>", "<listcomp>"}
+
+
+def inject(at):
+    count = [0]
+
+    def local(frame, event, arg):
+        if event != "line" or frame.f_code.co_name in copying:
+            return local
+        # a `with` line is also reported when the block is left, before __exit__ runs; a
+        # signal cannot arrive there (no eval-breaker check), an injected exception can
+        if linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith("with "):
+            return local
+        count[0] += 1
+        if count[0] == at:
+            raise KeyboardInterrupt
+        return local
+
+    def glob(frame, event, arg):
+        return local if frame.f_code.co_filename.endswith(watched) else None
+
+    return glob, count
+
+
+payload = {"format": "neural-mechanics-checkpoint", "version": 1, "step": 0,
+           "model": {"w": torch.ones(3, 3)}}
+reached = 0
+for at in range(1, limit):
+    run = os.path.join(folder, str(at))
+    writer = CheckpointWriter(run, background=True)
+    tracer, count = inject(at)
+    sys.settrace(tracer)
+    try:
+        writer.save(1, dict(payload, step=1))
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        sys.settrace(None)
+    if interrupted:
+        writer.abort()
+    writer.close()  # must return: neither call may wait forever
+    for path in list_checkpoints(run):
+        load_checkpoint(path)
+    left = [n for n in os.listdir(os.path.join(run, "ckpt")) if n.startswith(".")]
+    assert not left, (at, left)
+    if not interrupted:
+        reached = at
+        break
+print("reached", reached, flush=True)
+"""
+
+
+def test_interrupt_anywhere_in_checkpoint_save_never_hangs(tmp_path):
+    """Ctrl-C at every line of CheckpointWriter.save (and the queue code it calls): no hang.
+
+    An interrupt is injected at the N-th line run by save and the threading/queue code it
+    calls (the tensor copies aside) for N = 1, 2, ... until save completes
+    uninterrupted; after each, the writer must close within seconds, leaving only complete
+    checkpoint files and no temporaries.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_SAVE, str(ROOT), str(tmp_path), "3000"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=child_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) > 10, done.stdout
+
+
+LONG_RUN = ["--dataset", "synthetic", "--model", "logistic", "--epochs", "200"]
+LONG_RUN += ["--train-batch-size", "64", "--save-freq", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_end_the_run_cleanly_and_it_resumes(tmp_path, sig, code):
+    """A signal while checkpoints are written: one line, exit 130/143 within seconds, the lock
+    released, no temporary files, and --resume continues the run."""
+    where = ["--save-dir", str(tmp_path), "--experiment", "t", "--expid", "s"]
+    run = tmp_path / "t" / "s"
+    log = tmp_path / "train.log"
+    proc = start_script("train.py", *where, *LONG_RUN, log=log)
+    try:
+        deadline = time.monotonic() + 240
+        while len(visible(run / "ckpt")) < 3:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, sig)
+        returncode = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert "Traceback" not in log.read_text() and len(lines) == 1, lines
+    assert returncode == code and "--resume" in lines[0], (returncode, lines)
+    assert not (run / ".lock").exists()
+    assert hidden(run) == [] and hidden(run / "ckpt") == []
+    steps = [load_checkpoint(p)["step"] for p in list_checkpoints(str(run))]
+    assert steps == list(range(len(steps)))
+    # 64 steps per epoch; --epochs may change on --resume: end the run soon after the signal
+    epochs = str(max(steps) // 64 + 1)
+    resumed = run_script(
+        "train.py", *where, *LONG_RUN[:4], "--epochs", epochs, *LONG_RUN[6:], "--resume"
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {max(steps)}" in resumed.stderr
+
+
+# ----------------------------------------------------------------------------- --resume
+
+
+@pytest.fixture
+def resumable(small_reference, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the small run cut after step 5, and the command line that resumes it."""
+    run = tmp_path / "t" / "r"
+    shutil.copytree(small_reference, run)
+    for path in list_checkpoints(str(run)):
+        if load_checkpoint(path)["step"] > 5:
+            os.remove(path)
+    flags = ["--save-dir", str(tmp_path), "--experiment", "t", "--expid", "r", "--resume"]
+    return run, flags
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("groups.json", '[{"kind": "scale",'),
+        ("groups.json", '{"not": "a list"}'),
+        ("metrics.json", '[{"step": 0,'),
+        ("metrics.json", "[1, 2]"),
+        ("metrics.json", '[{"epoch": 0}]'),
+        ("metrics.json", '{"step": 3}'),
+    ],
+)
+def test_resume_with_damaged_json_is_one_line(resumable, name, content):
+    run, flags = resumable
+    (run / name).write_text(content)
+    assert_refused(run_script("train.py", *flags), 1, name)
+    assert not (run / ".lock").exists()
+
+
+def test_resume_refuses_edited_hyperparameters_and_changed_flags(resumable):
+    run, flags = resumable
+    path = run / "hyperparameters.json"
+    original = path.read_text()
+    edited = json.loads(original)
+    edited["config"]["lr"] = 0.07
+    path.write_text(json.dumps(edited))
+    assert_refused(run_script("train.py", *flags), 1, "hyperparameters.json", "lr=0.07")
+    path.write_text(original)
+    changed = run_script("train.py", *flags, "--lr", "0.5", "--model", "fc", "--epochs", "1")
+    assert_refused(changed, 2, "--lr 0.5", "--model 'fc'", "--epochs")
+    assert "--epochs 1 " not in changed.stderr  # --epochs may change: not among the refused
+    assert path.read_text() == original
+    assert list_checkpoints(str(run))[-1].endswith("step_00000005.pt")
+
+
+def test_resume_extends_a_run_with_more_epochs_and_records_it(resumable):
+    run, flags = resumable
+    done = run_script("train.py", *flags, "--epochs", "2")
+    assert done.returncode == 0, done.stderr
+    steps = [load_checkpoint(p)["step"] for p in list_checkpoints(str(run))]
+    assert steps == list(range(17))
+    stored = json.loads((run / "hyperparameters.json").read_text())
+    assert stored["config"]["epochs"] == 2
+    assert [c["changed"] for c in stored["changes"]] == [{"epochs": [1, 2]}]
+    assert stored["changes"][0]["step"] == 5
+    report = extract_run(str(run), progress=False)  # one run despite the changed --epochs
+    assert report.rows == 17
+
+
+def test_resume_takes_the_machine_flags_of_the_command_line(resumable, tmp_path):
+    """--resume --data-dir X trains from X (it used to take the stored data folder)."""
+    run, flags = resumable
+    other = str(tmp_path / "elsewhere")
+    train({**SMALL, "expid": "r", "save_dir": str(tmp_path), "resume": True, "data_dir": other})
+    configs = [load_checkpoint(p)["config"] for p in list_checkpoints(str(run))]
+    assert [c["data_dir"] for c in configs[6:]] == [other] * 3
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def test_lock_that_cannot_be_written_is_removed_and_named(tmp_path):
+    """A full disk at start (file-size limit): one line naming the lock; a rerun succeeds."""
+    where = ["--save-dir", str(tmp_path), "--experiment", "t", "--expid", "d"]
+    quick = ["--dataset", "synthetic", "--model", "logistic", "--epochs", "1"]
+    quick += ["--train-batch-size", "1024", "--no-progress"]
+    full = run_script("train.py", *where, *quick, limit_bytes=1)
+    line = assert_refused(full, 1, "File too large", ".lock", "free disk space")
+    assert str(tmp_path / "t" / "d" / ".lock") in line
+    assert not (tmp_path / "t" / "d" / ".lock").exists()
+    again = run_script("train.py", *where, *quick)
+    assert again.returncode == 0, again.stderr
+
+
+def test_run_killed_before_its_first_checkpoint_is_rerun_or_resumed(small_reference, tmp_path):
+    """What a kill before step 0's checkpoint leaves (hyperparameters, groups, an empty ckpt/
+    and the dead process's lock) is accepted by the same command and by --resume."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for expid in ("again", "resume"):
+        run = tmp_path / "t" / expid
+        shutil.copytree(small_reference, run)
+        for path in list_checkpoints(str(run)):
+            os.remove(path)
+        (run / "metrics.json").unlink()
+        (run / ".lock").write_text(str(dead.pid))
+    where = ["--save-dir", str(tmp_path), "--experiment", "t"]
+    small = ["--dataset", "synthetic", "--model", "logistic", "--epochs", "1"]
+    small += ["--train-batch-size", "512", "--test-batch-size", "1024", "--lr", "0.05"]
+    small += ["--momentum", "0.9", "--save-freq", "1", "--deterministic", "--no-progress"]
+    again = run_script("train.py", *where, "--expid", "again", *small)
+    assert again.returncode == 0, again.stderr
+    resumed = run_script("train.py", *where, "--expid", "resume", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    for expid in ("again", "resume"):
+        assert_same_checkpoints(str(tmp_path / "t" / expid), small_reference)
+
+
+def test_duplicate_lr_drops_and_abbreviated_sweep_flags_are_refused(tmp_path):
+    drops = run_script(
+        "train.py", "--save-dir", str(tmp_path), "--expid", "x", "--epochs", "2",
+        "--dataset", "synthetic", "--lr-drops", "1", "1",
+    )  # fmt: skip
+    assert_refused(drops, 2, "--lr-drops", "twice")
+    for flag in ("--expi", "--exp", "--save", "--l", "--w"):
+        sweep = run_script(
+            "scripts/sweep.py", "--save-dir", str(tmp_path), "--lrs", "0.1", "--dry-run",
+            "--", flag, "X",
+        )  # fmt: skip
+        assert_refused(sweep, 2, flag, "set by the sweep")
+    assert not any(tmp_path.iterdir())

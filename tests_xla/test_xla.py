@@ -26,7 +26,7 @@ import torch_xla  # noqa: E402, F401  (only in the XLA virtualenv: make test-xla
 
 from Utils import xla  # noqa: E402
 from Utils.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
-from Utils.flags import default_config  # noqa: E402
+from Utils.config import defaults as default_config  # noqa: E402
 from Utils.training import run_training, train  # noqa: E402
 
 torch.set_num_threads(1)

@@ -10,7 +10,6 @@ The arithmetic of every metric is a pure numpy function in the metric's own modu
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -438,11 +437,6 @@ def time_axis(ctx: Context, groups: Sequence[SymmetryGroup]) -> tuple[np.ndarray
     if n > 1:
         t[1:] = np.cumsum(lr[:-1] * (1 - damp) * np.diff(steps))
     return t, "lr at the rows"
-
-
-def options_json(options: dict[str, Any]) -> str:
-    """Canonical JSON of a metric's options."""
-    return json.dumps(options, sort_keys=True)
 
 
 def nan_max(x: np.ndarray, axis: int = -1) -> np.ndarray:

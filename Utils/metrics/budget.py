@@ -13,10 +13,11 @@ from __future__ import annotations
 import numpy as np
 
 from Utils.budget import FIELD_PREFIX, TERMS
+from Utils.kinds import KIND_NAMES
 from Utils.metrics.base import Context, FeaturesInfo, group_attrs, invalid_groups, register_metric
 from Utils.theory import measure
 
-KINDS = ("translation", "scale", "rescale")
+KINDS = KIND_NAMES
 
 
 def budget_reason(info: FeaturesInfo) -> str:

@@ -34,6 +34,7 @@ import numpy as np
 
 from Utils import fileio
 from Utils.errors import CorruptFileError
+from Utils.rundir import pid_alive
 from Utils.storage import abandon_h5, close_h5
 
 FORMAT = "neural-mechanics-cache"
@@ -55,17 +56,6 @@ def cache_path(run_dir: str, metric: str, suffix: str = "") -> str:
     return fileio.join(cache_dir(run_dir), f"{metric}{suffix}.h5")
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(path: str) -> list[str]:
     """Deletes temporary files left for `path` by writers that were killed.
 
@@ -84,7 +74,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
         if not (entry.startswith(prefix) and entry.endswith(_TMP_SUFFIX)):
             continue
         pid_text = entry[len(prefix) : -len(_TMP_SUFFIX)]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             os.remove(os.path.join(folder, entry))
             removed.append(os.path.join(folder, entry))
     return removed

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from Utils import fileio, interrupt, storage
+from Utils.config import RUN_VARIABLE_KEYS
 from Utils.errors import DataMissingError, UsageError, UserError
 from Utils.metrics.base import METRICS, Context, FeaturesInfo, parse_metric_list
 from Utils.metrics.io import CacheWriter, cache_path, out_of_date, remove_stale_temporaries
@@ -27,8 +28,6 @@ def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
     Raises:
         UserError: the two configs differ (names up to three differing keys).
     """
-    from Utils.extraction import MACHINE_KEYS
-
     path = fileio.join(run_dir, "hyperparameters.json")
     try:
         stored = fileio.read_json(path)["config"] if fileio.exists(path) else None
@@ -36,7 +35,7 @@ def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
         stored = None
     if not isinstance(stored, dict) or not info.hyperparameters:
         return
-    keys = sorted(set(stored) & set(info.hyperparameters) - MACHINE_KEYS)
+    keys = sorted(set(stored) & set(info.hyperparameters) - RUN_VARIABLE_KEYS)
     differ = [k for k in keys if stored[k] != info.hyperparameters[k]]
     if differ:
         shown = ", ".join(

@@ -6,7 +6,7 @@ script moves ``val/images/<file>`` to ``val/<wnid>/<file>`` and removes the empt
 ``val/images/``. Running it again does nothing; an interrupted run is completed.
 
 Usage:
-    python Utils/tiny-imagenet-setup.py --data-dir Data
+    python scripts/tiny_imagenet_setup.py --data-dir Data
 """
 
 from __future__ import annotations
