@@ -160,7 +160,11 @@ def resolve_dataset(name: str) -> DatasetSpec:
     from Utils import plugins
 
     if plugins.is_import_spec(name) and name not in DATASETS:
-        DATASETS.add(name, plugins.dataset_spec(name))
+        x_train, y_train, x_test, y_test, task, classes = plugins.dataset_tensors(name)
+        info = DatasetInfo(name, tuple(int(d) for d in x_train.shape[1:]), classes, task=task)
+        splits = {True: _ArrayDataset(x_train, y_train), False: _ArrayDataset(x_test, y_test)}
+        opener = lambda root, train, download: splits[train]  # noqa: E731
+        DATASETS.add(name, DatasetSpec(info, opener, _arrays_to_tensors))
     return DATASETS.get(name)
 
 

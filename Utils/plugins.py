@@ -92,15 +92,16 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int):
     return model
 
 
-def dataset_spec(spec: str):
-    """A `Utils.data.DatasetSpec` for a user's dataset builder (in-memory tensors).
+def dataset_tensors(spec: str) -> tuple:
+    """Calls a user's dataset builder and checks its tensors.
+
+    Returns:
+        (x_train, y_train, x_test, y_test, task, num_classes).
 
     Raises:
         UsageError: the builder cannot be loaded, raises, or returns tensors of the wrong form.
     """
     import torch
-
-    from Utils.data import DatasetInfo, DatasetSpec, _ArrayDataset, _arrays_to_tensors
 
     builder = load_object(spec, "--dataset", DATASET_SIGNATURE)
     try:
@@ -130,9 +131,7 @@ def dataset_spec(spec: str):
         task, classes = "regression", int(y_train.shape[-1])
     else:
         task, classes = "classification", int(max(y_train.max(), y_test.max())) + 1
-    info = DatasetInfo(spec, tuple(int(d) for d in x_train.shape[1:]), classes, task=task)
-    splits = {True: _ArrayDataset(x_train, y_train), False: _ArrayDataset(x_test, y_test)}
-    return DatasetSpec(info, lambda root, train, download: splits[train], _arrays_to_tensors)
+    return x_train, y_train, x_test, y_test, task, classes
 
 
 def _first_line(err: BaseException) -> str:

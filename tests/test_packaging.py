@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SOURCES = ("pyproject.toml", "README.md", "requirements.txt", "Models", "Utils")
+SOURCES = ("pyproject.toml", "README.md", "requirements.txt", "Models", "Utils", "nm_commands.py")
 SCRIPTS = ("train", "extract", "cache", "plot")
 
 
@@ -40,7 +40,7 @@ def test_wheel_holds_packages_scripts_and_entry_points(wheel: Path) -> None:
         "Models/__init__.py",
         "Models/registry.py",
         "Utils/__init__.py",
-        "Utils/cli.py",
+        "nm_commands.py",
         "Utils/api.py",
         "Utils/online.py",
         "Utils/metrics/__init__.py",
@@ -54,7 +54,7 @@ def test_wheel_holds_packages_scripts_and_entry_points(wheel: Path) -> None:
     (entry,) = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry).decode()
     for script in SCRIPTS:
-        assert f"nm-{script} = Utils.cli:{script}" in text
+        assert f"nm-{script} = nm_commands:{script}" in text
     (meta,) = [n for n in names if n.endswith("METADATA")]
     assert "Requires-Dist: torch>=" in zipfile.ZipFile(wheel).read(meta).decode()
 
@@ -129,4 +129,4 @@ def test_editable_install_builds(tmp_path, request):
     for package in ("Models", "Utils"):
         assert str(src / package) in mapped  # the import finder maps the packages to src
     (entry,) = [n for n in names if n.endswith("entry_points.txt")]
-    assert "nm-train = Utils.cli:train" in zipfile.ZipFile(found).read(entry).decode()
+    assert "nm-train = nm_commands:train" in zipfile.ZipFile(found).read(entry).decode()
