@@ -48,6 +48,13 @@ def build_parser() -> Parser:
     )
     m.add_argument("--seed", type=int, default=0, help="seed of the random --subset")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m.add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "features", "online"],
+        help="features: features.h5 (extract.py); online: online.h5 (train.py --track-online); "
+        "auto: features.h5 when present, else online.h5",
+    )
     return p
 
 
@@ -72,12 +79,17 @@ def _cache(argv: list[str] | None) -> int:
         subset=args.subset,
         seed=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),
+        source=args.source,
     )
     width = max(len(n) for n in statuses) if statuses else 0
     for name, status in statuses.items():
         line = f"{name:<{width}}  {status}"
         if args.verbose and not status.startswith("skipped"):
             line += f"  ({cache_path(run_dir, name, args.suffix)})"
+        print(line)
+    from Utils.live import cache_summary
+
+    for line in cache_summary(run_dir, args.suffix):  # per-group errors, then plot.py's command
         print(line)
     return 0
 

@@ -111,7 +111,8 @@ def get_model(
     """Builds a registered model, optionally loading its weights.
 
     Args:
-        name: model name, see `list_models(model_class)`.
+        name: model name, see `list_models(model_class)`, or ``package.module:builder``
+            (a user's builder, imported; see Utils/plugins.py).
         model_class: one of `MODEL_CLASSES`.
         input_shape: input shape without batch dimension, ``(C, H, W)`` or ``(C, L)``.
         num_classes: number of output logits.
@@ -127,7 +128,12 @@ def get_model(
         DataMissingError: `pretrained` and the weight file is absent.
         CorruptFileError: `pretrained` and the file cannot be read or does not fit the model.
     """
-    builder = _CLASSES.get(model_class).get(name)
+    from Utils import plugins
+
+    if plugins.is_import_spec(name):  # --model package.module:builder (Utils/plugins.py)
+        builder = lambda s, n: plugins.build_model(name, s, n)  # noqa: E731
+    else:
+        builder = _CLASSES.get(model_class).get(name)
     shape = check_input_shape(input_shape)
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
         raise UsageError(f"num_classes must be a positive integer, got {num_classes!r}")

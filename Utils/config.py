@@ -84,7 +84,13 @@ class TrainConfig:
     verbose: bool = _flag(False, "print more detail", LOCATION, machine=True, short="-v")
 
     data_dir: str = _flag("Data", "folder holding the datasets", DATA, machine=True)
-    dataset: str = _flag("fashion-mnist", "dataset", DATA, choices="datasets")
+    dataset: str = _flag(
+        "fashion-mnist",
+        "dataset: {datasets}, or package.module:builder (your own: builder() -> (x_train, "
+        "y_train, x_test, y_test) tensors)",
+        DATA,
+        choices="datasets",
+    )
     train_batch_size: int = _flag(128, "global training batch", DATA)
     test_batch_size: int = _flag(256, "evaluation batch", DATA)
     workers: int = _flag(
@@ -96,7 +102,12 @@ class TrainConfig:
     )
     no_augment: bool = _flag(False, "switch data augmentation off", DATA)
 
-    model: str = _flag("vgg-demo", "architecture (see --model-class)", MODEL)
+    model: str = _flag(
+        "vgg-demo",
+        "architecture (see --model-class), or package.module:builder (your own: "
+        "builder(input_shape, num_classes) -> nn.Module)",
+        MODEL,
+    )
     model_class: str = _flag(
         "default",
         "model family: default (small nets), tinyimagenet (VGG/ResNet written here), "
@@ -148,6 +159,14 @@ class TrainConfig:
         0, "steps between evaluations (0: once per epoch); evaluated steps are also saved", CKPT
     )
     sync_save: bool = _flag(False, "write checkpoints in the training thread", CKPT, machine=True)
+    track_online: int = _flag(
+        0,
+        "every N steps, record each symmetry group's measured quantities (S/Q/R, |g|^2, |u|^2, "
+        "violation, angular update) and theory into <run>/online.h5, a few floats per neuron "
+        "instead of a checkpoint; cache.py reads it like features.h5 (0: off)",
+        CKPT,
+        machine=True,
+    )
     resume: bool = _flag(False, "continue from the last checkpoint", CKPT, machine=True)
 
     device: str = _flag(
@@ -162,6 +181,13 @@ class TrainConfig:
     deterministic: bool = _flag(False, "deterministic kernels (bitwise resume)", HARDWARE)
     no_progress: bool = _flag(
         False, "no progress bars (also off when not a tty)", HARDWARE, machine=True
+    )
+    tensorboard: bool = _flag(
+        False,
+        "write TensorBoard scalars to <run>/tensorboard at each evaluation: losses, accuracy, "
+        "lr, per-layer exact and paper theory errors, violation, angular update",
+        HARDWARE,
+        machine=True,
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -279,6 +305,15 @@ def validate(cfg: dict[str, Any]) -> None:
     need(cfg["save_freq"] >= 0, "--save-freq must be >= 0 (0: first and last step only)")
     need(cfg["eval_freq"] >= 0, "--eval-freq must be >= 0 (0: once per epoch)")
     need(cfg["num_checkpoints"] >= 2, "--num-checkpoints must be >= 2")
+    need(
+        not cfg.get("tensorboard") or bool(cfg["expid"]),
+        "--tensorboard writes into the run folder: give --expid",
+    )
+    need(cfg.get("track_online", 0) >= 0, "--track-online must be >= 0 (0: off, 1: every step)")
+    need(
+        not cfg.get("track_online") or (cfg["device"] != "xla" and not cfg.get("tpu")),
+        "--track-online is not supported on XLA devices; drop it or use --device cpu/cuda",
+    )
     need(0 < cfg["lr_drop_rate"] <= 1, "--lr-drop-rate must be in (0, 1]")
     bad = [e for e in cfg["lr_drops"] if not 0 < e <= max(cfg["epochs"], 0)]
     need(
@@ -298,11 +333,14 @@ def validate(cfg: dict[str, Any]) -> None:
 def _validate_names(cfg: dict[str, Any], need) -> None:
     """Checks the registry names: model for its class, buffers, optimizer."""
     from Models import list_models  # imports torch: see _registries
+    from Utils import plugins
     from Utils.optimizers import BUFFERS, OPTIMIZERS
 
     models = list_models(cfg["model_class"])
+    if plugins.is_import_spec(cfg["model"]):  # a user's builder: importable and callable
+        plugins.load_object(cfg["model"], "--model", plugins.MODEL_SIGNATURE)
     need(
-        cfg["model"] in models,
+        cfg["model"] in models or plugins.is_import_spec(cfg["model"]),
         f"unknown --model '{cfg['model']}' for --model-class {cfg['model_class']}; choose one of: "
         f"{', '.join(models)}",
     )

@@ -144,7 +144,28 @@ def dataset_info(name: str) -> DatasetInfo:
     Raises:
         UnknownNameError: for a name that is not registered, listing the valid ones.
     """
-    return DATASETS.get(name).info
+    return resolve_dataset(name).info
+
+
+def resolve_dataset(name: str) -> DatasetSpec:
+    """The spec of a registered dataset, or of a user's ``package.module:builder``.
+
+    A builder named with a colon is imported, called and registered under that name on
+    first use (see Utils/plugins.py).
+
+    Raises:
+        UnknownNameError: an unknown registry name.
+        UsageError: a builder that cannot be imported or called, or returns bad tensors.
+    """
+    from Utils import plugins
+
+    if plugins.is_import_spec(name) and name not in DATASETS:
+        x_train, y_train, x_test, y_test, task, classes = plugins.dataset_tensors(name)
+        info = DatasetInfo(name, tuple(int(d) for d in x_train.shape[1:]), classes, task=task)
+        splits = {True: _ArrayDataset(x_train, y_train), False: _ArrayDataset(x_test, y_test)}
+        opener = lambda root, train, download: splits[train]  # noqa: E731
+        DATASETS.add(name, DatasetSpec(info, opener, _arrays_to_tensors))
+    return DATASETS.get(name)
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -1040,7 +1061,7 @@ def get_data(
         DataMissingError: files missing, naming what to put where.
         CorruptFileError: files present but unreadable.
     """
-    spec = DATASETS.get(name)
+    spec = resolve_dataset(name)
     _check_int(train_batch_size, "train batch size", 1)
     _check_int(test_batch_size, "test batch size", 1)
     _check_int(seed, "seed", 0)

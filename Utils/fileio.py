@@ -180,8 +180,25 @@ def write_error_of(exc: BaseException, path: str) -> WriteError | None:
     return None
 
 
+def current_umask() -> int:
+    """The process's file-creation mask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read by setting and restoring
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
     """Writes a file so that it appears complete or not at all.
+
+    A local file gets the permissions of any new file (0666 less the umask), not the 0600
+    of its temporary file.
 
     Args:
         path: destination (local path or fsspec URL).
@@ -215,6 +232,7 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(p)}.", suffix=".tmp", dir=folder)
+        os.fchmod(fd, 0o666 & ~current_umask())  # as open() would create it (security: ok)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

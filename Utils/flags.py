@@ -117,8 +117,22 @@ def train_parser(suppress_defaults: bool = False) -> Parser:
             kwargs["type"] = run_name(names[-1], allow_empty=f.name == "expid")
         else:
             kwargs["type"] = type(default)
+        if f.name == "dataset":  # api: a registered name or package.module:builder
+            kwargs["type"] = _dataset_name
         group.add_argument(*names, **kwargs)
     return p
+
+
+def _dataset_name(name: str) -> str:
+    """argparse type of --dataset: a registered name or an importable builder (one line)."""
+    from Utils.data import resolve_dataset
+    from Utils.errors import UserError
+
+    try:
+        resolve_dataset(name)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return name
 
 
 def given_flags(argv: list[str] | None = None) -> dict[str, Any]:

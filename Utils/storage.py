@@ -180,14 +180,15 @@ def close_h5(f: h5py.File) -> None:
     f.close()
 
 
-def open_features(run_dir: str) -> h5py.File:
-    """Opens a run's ``features.h5`` read-only.
+def open_features(run_dir: str, filename: str = FILENAME) -> h5py.File:
+    """Opens a run's ``features.h5`` (or another file of its layout, e.g. online.h5) read-only.
 
     Use it as a context manager (``with open_features(run) as f:``) and pass the file to the
     other readers of this module.
 
     Args:
         run_dir: the run folder (local path or fsspec URL).
+        filename: the file in the run folder (``online.h5``: written during training).
 
     Returns:
         The open h5py file.
@@ -197,7 +198,7 @@ def open_features(run_dir: str) -> h5py.File:
             written by another process.
         CorruptFileError: the file is unreadable or is not a features file.
     """
-    path = features_path(run_dir)
+    path = fileio.join(run_dir, filename)
     if not fileio.exists(path):
         if not fileio.exists(run_dir):
             raise UserError(f"no run at {run_dir}; check --save-dir/--experiment/--expid")

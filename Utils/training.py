@@ -512,7 +512,9 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx
         self.given = set(cfg) if given is None else set(given)
-        self.callbacks = [ProgressBar(), *callbacks]
+        from Utils.live import TrackingCallback  # api hook: --track-online, --tensorboard, lines
+
+        self.callbacks = [ProgressBar(), TrackingCallback(), *callbacks]
         self.step = 0
         self.epoch = 0
         self.last_loss = math.nan

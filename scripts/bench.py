@@ -13,7 +13,12 @@ Sections (``--only 1,3`` selects some):
 4. data path: in-memory tensor batches vs the per-sample DataLoader path, batches per second;
 5. extraction throughput vs raw read throughput of the same checkpoint files, cache time per
    checkpoint per metric, and the peak memory of cache.py for ~10x more checkpoints;
-6. end to end: scripts/demo.py (train + extract + cache + plot), seconds per stage.
+6. end to end: scripts/demo.py (train + extract + cache + plot), seconds per stage;
+7. online tracking (Utils/online.py) at every step vs the untracked step, on vgg-demo and
+   resnet18 64x64 (torch SGD with and without the tracker, and custom_sgd with the tracker),
+   and the bytes online.h5 gains per tracked step vs one checkpoint of the same model. These
+   steps are timed in CPU time of this process (one torch thread: its compute), which other
+   processes on a shared machine disturb far less than wall time.
 
 Every ratio pairs the two sides repetition by repetition: after warm-up, each repetition runs
 A and B alternately (A B, B A, A B, ...: single training steps in section 1, whole runs in
@@ -61,7 +66,9 @@ SECTIONS = {
     4: "data path",
     5: "extraction and cache",
     6: "end to end demo",
+    7: "online tracking vs untracked step",
 }
+ONLINE_MODELS = ("vgg-demo", "resnet18 64x64")  # labels in STEP_MODELS
 
 # (label, model, model class, input shape, classes, batch: full, quick)
 STEP_MODELS = (
@@ -753,6 +760,108 @@ def section_end_to_end(bench: Bench) -> None:
     )
 
 
+# ----------------------------------------------------------------- 7. online tracking
+
+
+def _cpu_timed(fn: Callable[[], None]) -> Callable[[], float]:
+    """`fn` returning the CPU time of this process it took (seconds)."""
+
+    def go() -> float:
+        t0 = time.process_time()
+        fn()
+        return time.process_time() - t0
+
+    return go
+
+
+def section_online(bench: Bench) -> None:
+    """Section 7: online tracking every step vs the untracked step; bytes per tracked step."""
+    from Utils.online import Tracker, online_path
+    from Utils.optimizers import build_optimizer
+
+    sizes = bench.sizes
+    for spec in [s for s in STEP_MODELS if s[0] in ONLINE_MODELS]:
+        label = spec[0]
+        batch = spec[6] if sizes.quick else spec[5]
+        pair = build_step_pair(spec, batch, bench.device)
+        third = copy.deepcopy(pair["twin"])
+        x, y = pair["x"], pair["y"]
+        plain = torch.optim.SGD(pair["twin"].parameters(), **HYPER)
+        sgd_tracked = torch.optim.SGD(third.parameters(), **HYPER)
+        custom = build_optimizer(
+            "custom_sgd", list(pair["model"].named_parameters()), groups=pair["groups"], **HYPER
+        )
+        slug = label.split()[0]
+        trackers = {
+            "sgd": Tracker(
+                third, sgd_tracked, pair["groups"], run_dir=str(bench.work / f"online-sgd-{slug}")
+            ),
+            "custom": Tracker(
+                pair["model"], custom, run_dir=str(bench.work / f"online-custom-{slug}")
+            ),
+        }
+        t0 = time.perf_counter()
+        _stepper(pair["twin"], plain, x, y, bench.device)()  # a first step, untimed
+        steps = max(1, round(sizes.rep_seconds / (time.perf_counter() - t0)))
+        gc.collect()
+        times = paired(
+            {
+                "sgd+online": _cpu_timed(_stepper(third, sgd_tracked, x, y, bench.device)),
+                "custom+online": _cpu_timed(_stepper(pair["model"], custom, x, y, bench.device)),
+                "sgd": _cpu_timed(_stepper(pair["twin"], plain, x, y, bench.device)),
+            },
+            sizes.reps,
+            sizes.warmup,
+            calls=steps,
+        )
+        for tracker in trackers.values():
+            tracker.close()
+        base = statistics.median(times["sgd"]) / steps
+        for side, what in (
+            ("sgd+online", "torch SGD + online tracking every step"),
+            ("custom+online", "custom_sgd + online tracking every step"),
+        ):
+            r = ratios(times[side], times["sgd"])
+            extra = statistics.median(times[side]) / steps - base
+            bench.rows.append(
+                Row(
+                    7,
+                    f"{label} (batch {batch}): {what}",
+                    fmt_ms(statistics.median(times[side]) / steps) + "/step",
+                    fmt_ms(base) + "/step",
+                    r.ratio_text(3),
+                    "<= 1.10x",
+                    verdict(r.median, 1.10),
+                    f"CPU time; vs torch SGD untracked; {len(pair['groups'])} groups; {steps} "
+                    f"step(s) per repetition; adds {extra * 1e3:+.2f} ms/step",
+                )
+            )
+        tracker = trackers["custom"]
+        path = online_path(tracker.run_dir)
+        rows = tracker.step + 1
+        file_bytes = os.path.getsize(path)
+        row_bytes = sum(int(v.nbytes) for v in tracker.last_row().values.values())
+        ckpt = serialized_size(
+            {"model": pair["model"].state_dict(), "optimizer": custom.state_dict()}
+        )
+        ratio = row_bytes / ckpt
+        entries = sum(g.size for g in tracker.groups)
+        bench.rows.append(
+            Row(
+                7,
+                f"{label}: online.h5 bytes per tracked step vs one checkpoint",
+                f"{row_bytes / 1e3:.1f} kB",
+                f"{ckpt / 1e3:.1f} kB",
+                f"{ratio * 100:.3f}%",
+                "<= 1%",
+                verdict(ratio, 0.01),
+                f"custom_sgd: {entries} group entries x ({len(tracker.last_row().values)} "
+                f"datasets); file {file_bytes / 1e3:.1f} kB for {rows} rows (chunks of 64 rows "
+                "are allocated at once)",
+            )
+        )
+
+
 SECTION_FUNCTIONS = {
     1: section_step,
     2: section_checkpointing,
@@ -760,6 +869,7 @@ SECTION_FUNCTIONS = {
     4: section_data,
     5: section_extraction,
     6: section_end_to_end,
+    7: section_online,
 }
 
 # ------------------------------------------------------------------------------ output
@@ -804,10 +914,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             SECTIONS
         )
     except ValueError:
-        p.error(f"--only takes section numbers 1-6 separated by commas, got {args.only!r}")
+        p.error(f"--only takes section numbers 1-7 separated by commas, got {args.only!r}")
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad:
-        p.error(f"--only: no section {bad[0]}; sections are 1-6")
+        p.error(f"--only: no section {bad[0]}; sections are 1-7")
     if args.reps < 0 or args.reps == 1:
         p.error("--reps must be >= 2 (a median of one repetition has no spread)")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -80,8 +80,8 @@ def test_render_prints_every_row_and_the_header(tmp_path):
 
 def test_flags():
     assert bench.parse_args(["--only", "3,1,3"]).sections == [1, 3]
-    assert bench.parse_args([]).sections == [1, 2, 3, 4, 5, 6]
-    for bad in (["--only", "7"], ["--only", "x"], ["--reps", "1"]):
+    assert bench.parse_args([]).sections == sorted(bench.SECTIONS)
+    for bad in (["--only", "99"], ["--only", "x"], ["--reps", "1"]):
         with pytest.raises(SystemExit) as info:
             bench.parse_args(bad)
         assert info.value.code == 2
@@ -115,6 +115,7 @@ def test_quick_run_prints_every_row(tmp_path):
     assert any(n.startswith("cache ") and "per checkpoint" in n for n in names_5)
     assert names_5[-1].startswith("cache.py peak memory")
     assert len(by_section[6]) == 1
+    assert len(by_section[7]) == 3 * len(bench.ONLINE_MODELS)  # 2 timings + bytes per model
     for r in by_section[1] + by_section[2] + by_section[3]:
         assert r[4].endswith("]") or r[4].endswith("x"), r  # a ratio in every ratio row
         assert r[6] in ("yes", "no", "-"), r

@@ -50,6 +50,8 @@ class FeaturesInfo:
         theory: keys ``<kind>/<layer>`` of the groups that have theory state.
         shapes: parameter name -> shape (without the step axis).
         dtypes: parameter name -> numpy dtype.
+        measured: keys ``<kind>/<layer>`` of the groups whose measured quantities were
+            recorded during training (``/measured``, online.h5 written by Utils/online.py).
     """
 
     num_rows: int
@@ -63,6 +65,7 @@ class FeaturesInfo:
     theory: set[str]
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, np.dtype]
+    measured: set[str] = field(default_factory=set)
 
     @classmethod
     def from_file(cls, f: h5py.File) -> FeaturesInfo:
@@ -84,6 +87,11 @@ class FeaturesInfo:
             if np.isfinite(values).any():
                 metrics.append(name)
         theory = set(storage.theory_keys(f))
+        measured: set[str] = set()
+        if "measured" in f:  # online.h5 (Utils/online.py): per-group sums recorded in training
+            for kind in f["measured"]:
+                for layer in f["measured"][kind]:
+                    measured.add(f"{kind}/{layer}")
         layout = storage.param_layout(f)
         shapes = {p: shape for p, (shape, _) in layout.items()}
         dtypes = {p: dtype for p, (_, dtype) in layout.items()}
@@ -100,6 +108,7 @@ class FeaturesInfo:
             theory=theory,
             shapes=shapes,
             dtypes=dtypes,
+            measured=measured,
         )
 
     def groups_of(self, kinds: Sequence[str]) -> list[SymmetryGroup]:
@@ -186,6 +195,17 @@ class Context:
 
         return np.asarray(storage.read_theory(self.features, group.key, name, rows=rows))
 
+    def has_measured(self, group: SymmetryGroup) -> bool:
+        """Whether the group's measured quantities were recorded online (``/measured``)."""
+        return group.key in self.info.measured
+
+    def read_measured(self, group: SymmetryGroup, name: str, rows: slice) -> np.ndarray:
+        """A measured field of a group (``value``, ``magnitude``...) for rows: [r, size]."""
+        from Utils import storage
+
+        path = f"measured/{group.key}/{name}"
+        return np.asarray(storage.read_rows(self.features, path, rows), dtype=np.float64)
+
     def has_theory(self, group: SymmetryGroup, name: str) -> bool:
         """Whether features.h5 holds the theory field `name` of `group`."""
         return f"theory/{group.key}/{name}" in self.features
@@ -210,6 +230,8 @@ class Metric:
         min_rows: least number of extracted rows.
         options: names of the cache.py options that change the result (``subset``, ``seed``).
         check: extra condition: returns "" when fine, or the reason it does not apply.
+        online: computable from an online-tracked run (online.h5: per-group measured
+            quantities, theory and metrics, no parameters).
     """
 
     name: str
@@ -221,6 +243,7 @@ class Metric:
     min_rows: int = 1
     options: tuple[str, ...] = ()
     check: Callable[[FeaturesInfo], str] | None = None
+    online: bool = False
 
     def applies(self, features: FeaturesInfo) -> tuple[bool, str]:
         """Whether this metric can be computed for a run.
@@ -231,6 +254,11 @@ class Metric:
         Returns:
             (True, "") or (False, one-line reason naming what is missing and how to get it).
         """
+        if not features.params and not self.online:
+            return False, (
+                "the run was tracked online (no parameters stored); this metric needs "
+                "checkpoints: train with --save-freq N and run extract.py"
+            )
         if features.num_rows < self.min_rows:
             return False, (
                 f"needs at least {self.min_rows} extracted checkpoints "
@@ -269,6 +297,7 @@ def register_metric(
     options: Sequence[str] = (),
     check: Callable[[FeaturesInfo], str] | None = None,
     aliases: Sequence[str] = (),
+    online: bool = False,
 ) -> Callable[[Callable[[Context], None]], Callable[[Context], None]]:
     """Decorator that registers a compute function as the metric `name`.
 
@@ -282,6 +311,7 @@ def register_metric(
         options: cache.py options that change the result.
         check: extra applicability test (see `Metric.check`).
         aliases: other names accepted on the command line for this metric.
+        online: computable from an online-tracked run (see `Metric.online`).
 
     Returns:
         The decorator (it returns the function unchanged).
@@ -303,6 +333,7 @@ def register_metric(
                 min_rows=min_rows,
                 options=tuple(options),
                 check=check,
+                online=online,
             ),
             kinds=tuple(kinds),
             buffers=tuple(buffers),

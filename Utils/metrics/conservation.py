@@ -80,8 +80,14 @@ def compute_conservation(ctx: Context, kind: str) -> None:
             ctx.writer.write(
                 f"{base}/time", ctx.read_theory(g, "time", slice(0, ctx.info.num_rows))
             )
-        for rows in ctx.row_slices(ctx.row_bytes(g.params, copies=3), desc=f"{kind} {g.name}"):
-            value, magnitude = conserved_quantity(kind, ctx.read_params(g.params, rows), g)
+        online = ctx.has_measured(g)
+        per_row = 8 * 3 * g.size if online else ctx.row_bytes(g.params, copies=3)
+        for rows in ctx.row_slices(per_row, desc=f"{kind} {g.name}"):
+            if online:  # recorded during training (Utils/online.py): same sums, no parameters
+                value = ctx.read_measured(g, "value", rows)  # [r, n]
+                magnitude = ctx.read_measured(g, "magnitude", rows)
+            else:
+                value, magnitude = conserved_quantity(kind, ctx.read_params(g.params, rows), g)
             ctx.writer.append(f"{base}/empirical", value)
             ctx.writer.append(f"{base}/magnitude", magnitude)
             ctx.writer.append(f"{base}/empirical_sum", value.sum(axis=-1))

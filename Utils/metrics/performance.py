@@ -33,6 +33,7 @@ def evaluated_rows(metrics: Mapping[str, np.ndarray]) -> np.ndarray:
     "performance",
     description="train/test losses and accuracies over steps (evaluated rows only)",
     needs_metrics=True,
+    online=True,
 )
 def compute_performance(ctx: Context) -> None:
     """Writes cache/performance.h5 (layout in docs/METRICS.md)."""

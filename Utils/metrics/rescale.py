@@ -19,6 +19,7 @@ from Utils.metrics.conservation import compute_conservation
     description="R = |theta_A1|^2 - |theta_A2|^2 per hidden unit: measured, exact and paper theory, relative errors",
     kinds=("rescale",),
     aliases=("rescale-momentum",),
+    online=True,
 )
 def compute_rescale(ctx: Context) -> None:
     """Writes cache/rescale.h5 (layout in docs/METRICS.md)."""

@@ -11,6 +11,8 @@ from Utils.errors import DataMissingError, UsageError, UserError
 from Utils.metrics.base import METRICS, Context, FeaturesInfo, parse_metric_list
 from Utils.metrics.io import CacheWriter, cache_path, out_of_date, remove_stale_temporaries
 
+ONLINE_FILE = "online.h5"  # written during training by Utils/online.py (same layout)
+SOURCES = ("auto", "features", "online")
 UP_TO_DATE = "up to date"
 COMPUTED = "computed"
 SKIPPED = "skipped"
@@ -45,6 +47,31 @@ def _check_same_run(run_dir: str, info: FeaturesInfo) -> None:
         )
 
 
+def source_file(run_dir: str, source: str = "auto") -> str:
+    """The file cache.py reads for `source` ("auto", "features" or "online").
+
+    Raises:
+        UsageError: an unknown source.
+        DataMissingError: the file is missing (names the command that makes it).
+    """
+    if source not in SOURCES:
+        raise UsageError(f"--source must be one of {', '.join(SOURCES)} (got {source!r})")
+    has_features = fileio.exists(fileio.join(run_dir, storage.FILENAME))
+    has_online = fileio.exists(fileio.join(run_dir, ONLINE_FILE))
+    if source == "online" or (source == "auto" and has_online and not has_features):
+        if not has_online:
+            raise DataMissingError(
+                f"{run_dir} has no {ONLINE_FILE}; train with --track-online N (or attach "
+                "Utils.api.track to your optimizer) to record one"
+            )
+        return ONLINE_FILE
+    if not has_features:
+        raise DataMissingError(
+            f"{run_dir} has no {storage.FILENAME}; extract it first: {storage.extract_command(run_dir)}"
+        )
+    return storage.FILENAME
+
+
 def _metric_names(metrics: str | Sequence[str] | None) -> list[str] | None:
     if metrics is None:
         return None
@@ -66,6 +93,7 @@ def cache_run(
     subset: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    source: str = "auto",
 ) -> dict[str, str]:
     """Writes ``<run_dir>/cache/<metric><suffix>.h5`` for the requested or applicable metrics.
 
@@ -78,6 +106,9 @@ def cache_run(
         subset: number of elements kept by `network` (per parameter) and `weights_grads`.
         seed: seed of those random subsets.
         progress: tqdm progress bars on stderr.
+        source: "features" (features.h5, from extract.py), "online" (online.h5, recorded
+            during training with --track-online) or "auto" (features.h5 when the run has
+            one, else online.h5).
 
     Returns:
         metric name -> "computed" (with the damage found when it replaced a damaged file),
@@ -98,11 +129,8 @@ def cache_run(
         raise UserError(
             f"run folder {run_dir} does not exist; check --save-dir, --experiment and --expid"
         )
-    if not fileio.exists(fileio.join(run_dir, storage.FILENAME)):
-        raise DataMissingError(
-            f"{run_dir} has no {storage.FILENAME}; extract it first: {storage.extract_command(run_dir)}"
-        )
-    f = storage.open_features(run_dir)
+    filename = source_file(run_dir, source)
+    f = storage.open_features(run_dir, filename)
     try:
         info = FeaturesInfo.from_file(f)
         _check_same_run(run_dir, info)
@@ -130,7 +158,7 @@ def cache_run(
             if progress:
                 bar.set_postfix_str(name)
             statuses[name] = _cache_one(
-                f, info, run_dir, name, suffix, overwrite, subset, seed, progress
+                f, info, run_dir, name, suffix, overwrite, subset, seed, progress, filename
             )
     finally:
         f.close()
@@ -147,11 +175,14 @@ def _cache_one(
     subset: int | None,
     seed: int,
     progress: bool,
+    filename: str = storage.FILENAME,
 ) -> str:
     """Computes one metric's cache file unless an up-to-date one exists; returns its status."""
     metric = METRICS.get(name)
     given = {"subset": None if subset is None else int(subset), "seed": int(seed)}
     options = {k: given[k] for k in metric.options}
+    if filename != storage.FILENAME:
+        options["source"] = filename
     path = cache_path(run_dir, name, suffix)
     remove_stale_temporaries(path)
     reason = out_of_date(path, name, info.num_rows, info.last_step, options)

@@ -19,6 +19,7 @@ from Utils.metrics.conservation import compute_conservation
     description="Q = |theta_A|^2 per channel feeding BatchNorm: measured, exact and paper theory, relative errors",
     kinds=("scale",),
     aliases=("scale-momentum",),
+    online=True,
 )
 def compute_scale(ctx: Context) -> None:
     """Writes cache/scale.h5 (layout in docs/METRICS.md)."""

@@ -19,6 +19,7 @@ from Utils.metrics.conservation import compute_conservation
     description="S = sum(theta_A) per input feature of the last linear layer (plus the bias group): measured, exact and paper theory, relative errors",
     kinds=("translation",),
     aliases=("translation-momentum",),
+    online=True,
 )
 def compute_translation(ctx: Context) -> None:
     """Writes cache/translation.h5 (layout in docs/METRICS.md)."""
