@@ -32,7 +32,7 @@ from Utils.kinds import KINDS
 from Utils.live import LiveFeedback
 from Utils.online import FIELDS, ONLINE_FILE, Tracker, default_config, relative_error, track
 from Utils.optimizers import TrackingSGD
-from Utils.symmetry import format_table
+from Utils.symmetry import detect, format_table
 from Utils.theory import measure
 
 
@@ -60,8 +60,6 @@ def detect_groups(
         Every group found (`SymmetryGroup`: kind, layer name, size, members; ``valid`` and
         ``reason`` say whether the theory applies). `format_table` prints them.
     """
-    from Utils.symmetry import detect
-
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
     rng = torch.get_rng_state()
