@@ -277,6 +277,12 @@ class Reducer:
                 parts.append(_wide(x, lambda c, nd=nd, dim=dim: _sum_member(c, nd, dim), combine))
             else:
                 parts.append(_sum_member(x.to(torch.float64), nd, dim))
+        return self._scatter(parts)
+
+    def _scatter(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Signed sum of the members' per-slice sums [*lead, slices] into the group entries."""
+        import torch  # lazily: see the module docstring
+
         flat = torch.cat(parts, dim=-1)  # float64 [*lead, slices of all members]
         sizes = tuple(p.shape[-1] for p in parts)
         key = (sizes, flat.device)
@@ -457,7 +463,10 @@ def _sum_member(x: torch.Tensor, nd: int, dim: int | None) -> torch.Tensor:
     """
     lead = x.shape[: x.ndim - nd]
     if dim is None:
-        return x.reshape(*lead, -1).sum(dim=-1, keepdim=True)  # [*lead, 1]
+        # rows first: each leading entry's total then does not depend on how many entries
+        # are reduced at once (a single large total is split across threads)
+        x = x.reshape(*lead, x.shape[x.ndim - nd], -1) if nd > 1 else x  # [*lead, rows, rest]
+        return x.sum(dim=-1).sum(dim=-1, keepdim=True) if nd > 1 else x.sum(-1, keepdim=True)
     if nd == 1:
         return x  # [*lead, slices]
     if nd == 2:

@@ -61,6 +61,12 @@ from Utils.registry import Registry
 THEORY_VERSION = 1
 THEORY_FIELDS = ("exact", "carry", "paper", "paper_rate", "initial")
 STATE_ROWS = THEORY_FIELDS[:4]  # the fields a step changes: rows of a bundle's state matrix
+# Deferred group sums (see `_Ring`): a bundle keeps up to RING_STEPS steps of its one step term
+# when they fit in RING_BYTES and at least RING_MIN_STEPS fit; otherwise every step
+# is reduced at once.
+RING_STEPS = 16
+RING_MIN_STEPS = 4
+RING_BYTES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -120,10 +126,70 @@ class _Bundle:
     names: list[str]  # their names
     first: torch.Tensor  # the first member parameter of the first group
     reducer: Reducer | None = None
+    ring: _Ring | None = None
 
     def field(self, name: str) -> torch.Tensor:
         """One field of THEORY_FIELDS, float64 [sum of sizes] (a view, not a copy)."""
         return self.initial if name == "initial" else self.mat[STATE_ROWS.index(name)]
+
+
+class _Ring:
+    """Deferred group sums of one quadratic bundle's squared step term.
+
+    On a small model the cost of the per-step group sums is the number of torch calls, not the
+    arithmetic. A ring keeps up to `steps` steps: a float64 copy of each step's squared term
+    (v_k with momentum, d_k without; one `torch._foreach_copy_` per step) and its theory step
+    matrix. `flush` squares the kept terms and reduces them with one leading axis
+    (`Reducer.__call__`: the same calls for any number of steps), then applies the steps'
+    matrices in order. Each step's sums do not depend on how many steps are reduced together
+    (tested), so the state is bitwise the same whenever it is read (each read flushes: see
+    `TrackingSGD._export_state`).
+
+    Args:
+        bundle: the quadratic bundle.
+        steps: the number of steps kept (the flush comes when it is full).
+    """
+
+    def __init__(self, bundle: _Bundle, steps: int) -> None:
+        self.bundle = bundle
+        self.steps = steps
+        self.terms = {  # name -> float64 [steps, *shape]
+            n: torch.empty(steps, *p.shape, dtype=torch.float64, device=p.device)
+            for n, p in zip(bundle.names, bundle.params)
+        }
+        self.slots = [[t[j] for t in self.terms.values()] for j in range(steps)]
+        self.coefs: list[torch.Tensor] = []  # per kept step: float64 [4, 5]
+
+    @staticmethod
+    def capacity(bundle: _Bundle) -> int:
+        """Steps a ring of this bundle keeps (0: none, on XLA, for translation or a large
+        bundle)."""
+        if bundle.reducer is None or bundle.first.device.type not in ("cpu", "cuda"):
+            return 0
+        per_step = 8 * sum(p.numel() for p in bundle.params)
+        steps = min(RING_STEPS, RING_BYTES // max(per_step, 1))
+        return steps if steps >= RING_MIN_STEPS else 0
+
+    def push(self, term: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
+        """Keeps one step: its term (a tensor per bundle parameter) and its step matrix."""
+        torch._foreach_copy_(self.slots[len(self.coefs)], list(term))
+        self.coefs.append(coef)
+        if len(self.coefs) == self.steps:
+            self.flush()
+
+    def flush(self) -> None:
+        """Advances the bundle's state by every kept step, in order."""
+        k = len(self.coefs)
+        if not k:
+            return
+        kept = [t[:k] for t in self.terms.values()]  # float64 [k, *shape] each
+        torch._foreach_mul_(kept, kept)
+        rows = self.bundle.reducer(dict(zip(self.terms, kept)))  # float64 [k, n]
+        mat = self.bundle.mat  # [4, n]
+        for j, coef in enumerate(self.coefs):
+            mat = coef @ torch.cat([mat, rows[j : j + 1]])  # [4, n]
+        self.bundle.mat = mat
+        self.coefs.clear()
 
 
 class TrackingSGD(torch.optim.Optimizer):
@@ -277,6 +343,9 @@ class TrackingSGD(torch.optim.Optimizer):
                     reducer=Reducer(gs, ndims) if kind == "quadratic" else None,
                 )
             )
+            steps = _Ring.capacity(bundles[-1])
+            if steps:
+                bundles[-1].ring = _Ring(bundles[-1], steps)
         return bundles
 
     def _export_state(
@@ -289,6 +358,7 @@ class TrackingSGD(torch.optim.Optimizer):
                 (a snapshot: `torch.save` writes it as one storage record instead of one per
                 group and field), instead of views of the live state.
         """
+        self._flush()
         state: dict[str, dict[str, torch.Tensor]] = {}
         times: dict[str, float] = {}
         packed = None
@@ -308,6 +378,12 @@ class TrackingSGD(torch.optim.Optimizer):
                 state[g.key] = {f: parts[f][i] for f in THEORY_FIELDS}
                 times[g.key] = b.time
         return state, times
+
+    def _flush(self) -> None:
+        """Applies every deferred step (the state then describes the current parameters)."""
+        for b in self._bundles:
+            if b.ring is not None:
+                b.ring.flush()
 
     def _invalidate(self, reasons: Mapping[str, str]) -> None:
         """Drops the theory of some groups during a run (they stay listed, marked invalid)."""
@@ -440,7 +516,14 @@ class TrackingSGD(torch.optim.Optimizer):
         has_buffer = had[id(b.first)]
         if b.kind == "translation":
             b.mat = self._step_matrix(b, hp, has_buffer, ()) @ b.mat  # [4, n]
+        elif b.ring is not None and not hp.nesterov and (hp.momentum != 0 or not has_buffer):
+            # one squared term (v with momentum, d without): deferred to the ring's flush
+            pattern = (0, 0, 0) if hp.momentum != 0 else (0, None, 0)
+            term = [terms[id(p)][0 if hp.momentum != 0 else 1] for p in b.params]
+            b.ring.push(term, self._step_matrix(b, hp, has_buffer, pattern))
         else:
+            if b.ring is not None:
+                b.ring.flush()
             # term indices in `terms`: 0 = v, 1 = u, 2 = stale momentum buffer; squares are
             # reduced without forming the product (one pass over each tensor)
             if hp.momentum != 0:

@@ -405,6 +405,75 @@ def test_state_dict_round_trip_is_bitwise():
     assert set(opt.state_dict()["state"][0]) >= {"momentum_buffer", "grad", "update", "sgd", "mom"}
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("config", sorted(SGD_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_deferred_theory_reads_the_same_at_any_step(dtype, config, threads):
+    """The ring's deferred group sums are invisible: the theory read after every step (a flush
+    each time) is bitwise the one read only at the end, across an lr drop, and matches the
+    per-step path without a ring to round-off."""
+    data = batches(40, dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = {}
+        for read in ("every step", "at the end", "no ring"):
+            model = mlp(dtype)
+            opt = build_optimizer(
+                "custom_sgd",
+                model.named_parameters(),
+                lr=0.05,
+                groups=mlp_groups(),
+                **SGD_CONFIGS[config],
+            )
+            assert any(b.ring is not None for b in opt._bundles)
+            if read == "no ring":
+                for b in opt._bundles:
+                    b.ring = None
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, [17], 0.1)
+            for x, y in data:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                sched.step()
+                if read == "every step":
+                    opt.theory_snapshot()
+            runs[read] = opt.theory_snapshot()
+    finally:
+        torch.set_num_threads(before)
+    assert set(runs["every step"]) == {g.key for g in mlp_groups()}
+    for key, fields in runs["at the end"].items():
+        for name, value in fields.items():
+            assert np.array_equal(value, runs["every step"][key][name]), (key, name)
+            np.testing.assert_allclose(value, runs["no ring"][key][name], rtol=1e-12, atol=1e-300)
+
+
+def test_reducer_sums_of_one_step_do_not_depend_on_the_steps_reduced_with_it():
+    """A whole-tensor member (dim None) summed with a leading axis of 1 was split across
+    threads, so the deferred sums of one step depended on how many steps were reduced."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = {
+            "w": torch.randn(16, 300, 400, generator=gen, dtype=torch.float64),
+            "c": torch.randn(16, 32, 16, 3, 3, generator=gen, dtype=torch.float64),
+            "d": torch.randn(16, 64, 32, 3, 3, generator=gen, dtype=torch.float64),
+        }
+        groups = [
+            SymmetryGroup("scale", "w", 1, (Member("w", None),)),
+            SymmetryGroup("rescale", "c->d", 32, (Member("c", 0), Member("d", 1, sign=-1))),
+        ]
+        reducer = Reducer(groups, {"w": 2, "c": 4, "d": 4})
+        together = reducer(x)  # [16, 33]
+        for k in (1, 3, 5):
+            for j in range(0, 16 - k + 1, k):
+                part = reducer({n: t[j : j + k] for n, t in x.items()})
+                assert torch.equal(part, together[j : j + k]), (k, j)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_load_refuses_a_state_without_theory():
     model = mlp()
     plain = torch.optim.SGD(model.named_parameters(), lr=0.1)
