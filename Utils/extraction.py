@@ -53,6 +53,7 @@ from Utils.checkpoint import FORMAT as CKPT_FORMAT
 from Utils.checkpoint import METRIC_NAMES, checkpoint_dir, list_checkpoints, load_checkpoint
 from Utils.config import RUN_VARIABLE_KEYS
 from Utils.errors import CorruptFileError, UserError
+from Utils.online import online_path
 from Utils.rundir import RunDir
 from Utils.storage import DatasetSpec, FeaturesWriter, LayoutMismatchError, Row
 
@@ -767,7 +768,14 @@ def _extract_run(
     """`extract_run` once the run is locked."""
     paths = list_checkpoints(run_dir)
     if not paths:
-        hint = RunDir.from_path(run_dir).command("train.py", "...", "--save-freq", "N")
+        run = RunDir.from_path(run_dir)
+        online = online_path(run_dir)
+        if fileio.exists(online):
+            raise UserError(
+                f"run {run_dir} has no checkpoints to extract, but it tracked online into "
+                f"{online}: compute its metrics with {run.command('cache.py', '--source', 'online')}"
+            )
+        hint = run.command("train.py", "...", "--save-freq", "N")
         raise UserError(f"run {run_dir} has no checkpoints; train it first with {hint}")
     log = _Log(verbose)
     target = storage.features_path(run_dir)

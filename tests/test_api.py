@@ -335,6 +335,17 @@ def test_own_loop_example_then_cache_and_plot(tmp_path):
     out = call(str(ROOT / "cache.py"), *flags, "--no-progress")
     for metric in ("translation", "scale", "rescale", "performance"):
         assert f"{metric}" in out and "computed" in out.split(metric, 1)[1].splitlines()[0]
+    # an own loop writes no checkpoints: extract.py's one line points to cache.py instead
+    extract = subprocess.run(
+        [sys.executable, str(ROOT / "extract.py"), *flags, "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert extract.returncode != 0 and "Traceback" not in extract.stderr
+    line = extract.stderr.strip().splitlines()[-1]
+    assert "online.h5" in line and "cache.py" in line and "--source online" in line, line
     call(str(ROOT / "plot.py"), *flags)
     for name in ("translation", "scale", "rescale", "performance"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 10_000
