@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 _STACK_LIMIT = 1 << 16
 # elements of one float64 chunk of `_wide` (1 MB: the temporary stays in cache)
 _CHUNK = 1 << 17
+_SQUARE_CHUNK = 1 << 18  # elements of the float64 buffer of `Reducer.square_sums`
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,7 @@ class Reducer:
         self.names = list(dict.fromkeys(m[0] for m in self.members))
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._plans: dict[tuple, _SquarePlan] = {}
+        self._buffer = None  # float64 scratch of `square_sums`
 
     def __call__(self, products: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Reduces {name: [*lead, *shape]} (lead: none or one axis) to float64 [*lead, total]."""
@@ -278,6 +280,46 @@ class Reducer:
             else:
                 parts.append(_sum_member(x.to(torch.float64), nd, dim))
         return self._scatter(parts)
+
+    def square_sums(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Group sums of ``x * x`` for {name: [L, *shape]} (one leading axis): float64 [L, total].
+
+        Each parameter is squared once, in float64 (exact for float32 inputs), on chunks of
+        the leading axis in a reused float64 buffer (cache-sized; a fresh large tensor would
+        cost page faults; a 1-d member's squares are copied out of it), and every member of it
+        is reduced from that chunk: the number of
+        torch calls does not grow with L. Each entry's sums do not depend on L (tested).
+        """
+        import torch  # lazily: see the module docstring
+
+        of_name: dict[str, list[int]] = {}
+        for i, m in enumerate(self.members):
+            of_name.setdefault(m[0], []).append(i)
+        parts: list = [None] * len(self.members)
+        for name, indices in of_name.items():
+            x = values[name]  # [L, *shape]
+            rows = max(1, _SQUARE_CHUNK // max(1, x[0].numel()))
+            sums: dict[int, list] = {i: [] for i in indices}
+            for chunk in x.split(rows):
+                sq = self._scratch(chunk).copy_(chunk).square_()  # float64 [l, *shape]
+                for i in indices:
+                    nd, dim = self.members[i][1:3]
+                    out = _sum_member(sq, nd, dim)  # [l, slices]
+                    sums[i].append(out.clone() if nd == 1 and dim is not None else out)
+            for i in indices:
+                parts[i] = sums[i][0] if len(sums[i]) == 1 else torch.cat(sums[i])
+        return self._scatter(parts)
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """The reused float64 buffer of `square_sums`, viewed with the shape of `like`."""
+        import torch  # lazily: see the module docstring
+
+        n = like.numel()
+        buf = self._buffer
+        if buf is None or buf.numel() < n or buf.device != like.device:
+            size = max(n, _SQUARE_CHUNK)
+            buf = self._buffer = torch.empty(size, dtype=torch.float64, device=like.device)
+        return buf[:n].view(like.shape)
 
     def _scatter(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """Signed sum of the members' per-slice sums [*lead, slices] into the group entries."""

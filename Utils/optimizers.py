@@ -64,7 +64,7 @@ STATE_ROWS = THEORY_FIELDS[:4]  # the fields a step changes: rows of a bundle's 
 # Deferred group sums (see `_Ring`): a bundle keeps up to RING_STEPS steps of its one step term
 # when they fit in RING_BYTES and at least RING_MIN_STEPS fit; otherwise every step
 # is reduced at once.
-RING_STEPS = 16
+RING_STEPS = 32
 RING_MIN_STEPS = 4
 RING_BYTES = 1 << 26
 
@@ -137,10 +137,10 @@ class _Ring:
     """Deferred group sums of one quadratic bundle's squared step term.
 
     On a small model the cost of the per-step group sums is the number of torch calls, not the
-    arithmetic. A ring keeps up to `steps` steps: a float64 copy of each step's squared term
-    (v_k with momentum, d_k without; one `torch._foreach_copy_` per step) and its theory step
-    matrix. `flush` squares the kept terms and reduces them with one leading axis
-    (`Reducer.__call__`: the same calls for any number of steps), then applies the steps'
+    arithmetic. A ring keeps up to `steps` steps: a copy of each step's squared term (v_k with
+    momentum, d_k without; one `torch._foreach_copy_` per step) and its theory step matrix.
+    `flush` squares the kept terms in float64 and reduces them with one leading axis
+    (`Reducer.square_sums`: the same calls for any number of steps), then applies the steps'
     matrices in order. Each step's sums do not depend on how many steps are reduced together
     (tested), so the state is bitwise the same whenever it is read (each read flushes: see
     `TrackingSGD._export_state`).
@@ -153,8 +153,8 @@ class _Ring:
     def __init__(self, bundle: _Bundle, steps: int) -> None:
         self.bundle = bundle
         self.steps = steps
-        self.terms = {  # name -> float64 [steps, *shape]
-            n: torch.empty(steps, *p.shape, dtype=torch.float64, device=p.device)
+        self.terms = {  # name -> [steps, *shape], the parameter's dtype
+            n: torch.empty(steps, *p.shape, dtype=p.dtype, device=p.device)
             for n, p in zip(bundle.names, bundle.params)
         }
         self.slots = [[t[j] for t in self.terms.values()] for j in range(steps)]
@@ -166,7 +166,7 @@ class _Ring:
         bundle)."""
         if bundle.reducer is None or bundle.first.device.type not in ("cpu", "cuda"):
             return 0
-        per_step = 8 * sum(p.numel() for p in bundle.params)
+        per_step = sum(p.numel() * p.element_size() for p in bundle.params)
         steps = min(RING_STEPS, RING_BYTES // max(per_step, 1))
         return steps if steps >= RING_MIN_STEPS else 0
 
@@ -182,9 +182,8 @@ class _Ring:
         k = len(self.coefs)
         if not k:
             return
-        kept = [t[:k] for t in self.terms.values()]  # float64 [k, *shape] each
-        torch._foreach_mul_(kept, kept)
-        rows = self.bundle.reducer(dict(zip(self.terms, kept)))  # float64 [k, n]
+        kept = {n: t[:k] for n, t in self.terms.items()}  # [k, *shape] each
+        rows = self.bundle.reducer.square_sums(kept)  # float64 [k, n]
         mat = self.bundle.mat  # [4, n]
         for j, coef in enumerate(self.coefs):
             mat = coef @ torch.cat([mat, rows[j : j + 1]])  # [4, n]

@@ -340,6 +340,8 @@ def test_reducer_accumulates_float32_in_float64():
     squares = reducer.squares(x)
     want_sq = (wide["w"] ** 2).sum(dim=1) + wide["b"] ** 2
     torch.testing.assert_close(squares, want_sq, rtol=1e-13, atol=0)
+    steps = reducer.square_sums({n: torch.stack([t, 2 * t]) for n, t in x.items()})  # [2, 3]
+    torch.testing.assert_close(steps, torch.stack([want_sq, 4 * want_sq]), rtol=1e-13, atol=0)
     torch.testing.assert_close(group_sum(x, group), want, rtol=1e-13, atol=0)
 
 
@@ -465,11 +467,12 @@ def test_reducer_sums_of_one_step_do_not_depend_on_the_steps_reduced_with_it():
             SymmetryGroup("rescale", "c->d", 32, (Member("c", 0), Member("d", 1, sign=-1))),
         ]
         reducer = Reducer(groups, {"w": 2, "c": 4, "d": 4})
-        together = reducer(x)  # [16, 33]
-        for k in (1, 3, 5):
-            for j in range(0, 16 - k + 1, k):
-                part = reducer({n: t[j : j + k] for n, t in x.items()})
-                assert torch.equal(part, together[j : j + k]), (k, j)
+        for reduce in (reducer, reducer.square_sums):
+            together = reduce(x)  # [16, 33]
+            for k in (1, 3, 5):
+                for j in range(0, 16 - k + 1, k):
+                    part = reduce({n: t[j : j + k] for n, t in x.items()})
+                    assert torch.equal(part, together[j : j + k]), (k, j)
     finally:
         torch.set_num_threads(before)
 
