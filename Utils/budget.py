@@ -61,6 +61,8 @@ from Utils.kinds import FAMILIES, spec
 BUDGET_VERSION = 1
 TERMS = ("decay", "leak", "kinetic", "discretisation")
 SCALE_FIELDS = ("angle_sum", "grad_sq_sum", "angle")
+RING_BYTES = 32 << 20  # memory of the buffered steps (default `BudgetTracker.pending`)
+MAX_PENDING = 32  # steps buffered at most before their sums are reduced
 FIELD_PREFIX = "budget_"  # prefix of the fields in features.h5 (theory/<key>/budget_<field>)
 
 
@@ -87,81 +89,179 @@ def angle(q: torch.Tensor, theta_delta: torch.Tensor, delta_sq: torch.Tensor) ->
     return torch.atan2(cross, q + theta_delta)
 
 
-class _Plan:
-    """Signed per-group sums of all groups of one kind class at once ([total] float64).
+class _Bank:
+    """The tracked parameters of one device and dtype, side by side in pending-step buffers.
 
-    Each member is reduced to its per-slice sums on its [before, kept, after] view (a row-wise
-    ``vecdot`` when the group axis leads, no temporary; a column sum when it is last), all
-    slices are concatenated, cast to float64, signed and scattered into the groups' entries with
-    one ``index_add`` (few torch calls per step: on small layers the cost is per call).
+    Attributes:
+        names: parameter names, in layout order.
+        offsets: name -> first flat index.
+        width: flat size N (the parameters' numels).
+        buffer: [3, K, N] in the parameters' dtype: theta_k, g_k and Delta_k of each pending
+            step (allocated by `alloc`).
+        scratch: [2 K largest member numel]: products of the flush.
+    """
+
+    def __init__(self, names: Sequence[str], params: Mapping[str, torch.Tensor]) -> None:
+        self.names = list(names)
+        self.offsets: dict[str, int] = {}
+        width = 0
+        for n in self.names:
+            self.offsets[n] = width
+            width += params[n].numel()
+        self.width = width
+        first = params[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        self.buffer = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.scratch = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.largest = 0  # numel of the largest member (set by the plans)
+        self.slots: list[tuple[list[torch.Tensor], ...]] = []
+
+    def step_bytes(self) -> int:
+        """Bytes one pending step takes (three buffer rows and the scratch)."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return (3 * self.width + 2 * self.largest) * itemsize
+
+    def alloc(self, pending: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Allocates the buffers of `pending` steps and the per-slot parameter views."""
+        self.buffer = torch.empty(3, pending, self.width, dtype=self.dtype, device=self.device)
+        self.scratch = torch.empty(2 * pending * self.largest, dtype=self.dtype, device=self.device)
+        self.slots = []
+        for k in range(pending):
+            rows = []
+            for j in range(3):
+                flat = self.buffer[j, k]  # [N]
+                rows.append(
+                    [
+                        flat[self.offsets[n] : self.offsets[n] + math.prod(shapes[n])].view(
+                            shapes[n]
+                        )
+                        for n in self.names
+                    ]
+                )
+            self.slots.append(tuple(rows))
+
+
+class _Slices:
+    """One member of a plan: where its elements lie in its bank and how they split.
+
+    Attributes:
+        bank: its bank.
+        start, stop: its parameter's flat range in the bank.
+        view: (before, kept, after) around the group axis (dim None: (1, 1, numel)).
+        scale: whether the member belongs to a scale group (|g_k|^2 is carried).
+        zeros: [K, kept] zeros standing for |g_k| of members of other groups.
+    """
+
+    def __init__(self, bank: _Bank, name: str, shape: tuple[int, ...], member: Member, scale: bool):
+        self.bank = bank
+        self.start = bank.offsets[name]
+        self.stop = self.start + math.prod(shape)
+        if member.dim is None:
+            self.view = (1, 1, self.stop - self.start)
+        else:
+            dim = member.dim % len(shape)
+            self.view = (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+        self.scale = scale
+        self.zeros = torch.zeros(0)
+
+    def rows(self, pending: int) -> torch.Tensor:
+        """theta_k, g_k, Delta_k of the first `pending` steps: [3, pending, before, kept, after]."""
+        return self.bank.buffer[:, :pending, self.start : self.stop].view(3, pending, *self.view)
+
+
+class _Plan:
+    """The groups of one kind class, reduced together to signed per-group sums.
+
+    Each member is reduced to its per-slice sums over all pending steps at once (one call per
+    member and kind of sum), the slices of all members are concatenated, cast to float64,
+    signed and scattered into the groups' entries with one ``index_add``.
 
     Args:
         groups: the groups, in entry order.
+        banks: parameter name -> its bank.
         shapes: parameter name -> shape.
-        device: where the index lives.
+        device: where the state lives.
     """
 
-    def __init__(self, groups: Sequence[SymmetryGroup], shapes, device) -> None:
+    def __init__(
+        self,
+        groups: Sequence[SymmetryGroup],
+        banks: Mapping[str, _Bank],
+        shapes: Mapping[str, tuple[int, ...]],
+        device: torch.device,
+    ) -> None:
         self.groups = list(groups)
         self.sizes = [g.size for g in self.groups]
         self.total = sum(self.sizes)
-        self.members: list[Member] = []
-        self.is_scale: list[bool] = []
-        self.zeros: list[torch.Tensor] = []
+        self.members: list[_Slices] = []
         index: list[int] = []
         sign: list[float] = []
         start = 0
         for g in self.groups:
             for m in g.members:
-                shape = shapes[m.param]
-                slices = 1 if m.dim is None else shape[m.dim % len(shape)]
-                self.members.append(m)
-                self.is_scale.append(g.kind == "scale")
-                self.zeros.append(torch.zeros(slices, device=device))
+                part = _Slices(banks[m.param], m.param, shapes[m.param], m, g.kind == "scale")
+                part.bank.largest = max(part.bank.largest, part.stop - part.start)
+                self.members.append(part)
+                slices = part.view[1]
                 index += [start + m.offset + j // m.block for j in range(slices)]
                 sign += [float(m.sign)] * slices
             start += g.size
+        self.device = device
         self.index = torch.tensor(index, dtype=torch.long, device=device)
         self.sign = torch.tensor(sign, dtype=torch.float64, device=device)
-        self.names = list(dict.fromkeys(m.param for m in self.members))
 
-    def _scatter(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.cat(parts).to(torch.float64).mul_(self.sign)  # [slices] (cat copies)
-        out = torch.zeros(self.total, dtype=torch.float64, device=flat.device)
-        return out.index_add_(0, self.index, flat)  # [total]
-
-    def views(self, a: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The [before, kept, after] view of every member of tensors shaped like the params."""
-        return [_member_view(a[m.param], m) for m in self.members]
-
-    def dot(
-        self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], scale_only: bool = False
-    ) -> torch.Tensor:
-        """Signed group sums of a * b from member views (`views`): float64 [total].
-
-        Args:
-            a, b: member views.
-            scale_only: compute only the members of scale groups (zeros elsewhere).
-        """
-        parts = []
-        for i, (x, y) in enumerate(zip(a, b)):
-            if scale_only and not self.is_scale[i]:
-                parts.append(self.zeros[i])
-            else:
-                parts.append(_slice_dot(x, y))
-        return self._scatter(parts)
-
-    def sum(self, a: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Signed group sums of a from member views (`views`): float64 [total]."""
-        return self._scatter([_slice_sum(x) for x in a])
+    def alloc(self, pending: int) -> None:
+        """Zeros standing for |g| of the members outside scale groups, [pending, kept]."""
+        for m in self.members:
+            m.zeros = m.bank.buffer.new_zeros(pending, m.view[1])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-group views of a [total] vector."""
         return list(torch.split(flat, self.sizes))
 
+    def _scatter(self, parts: list[torch.Tensor], squares: int = 0) -> torch.Tensor:
+        """[rows, pending, slices] pieces -> signed float64 group sums [rows, pending, total].
+
+        The first `squares` rows are norms, squared before they are signed.
+        """
+        flat = torch.cat(parts, dim=-1).to(torch.float64)  # [rows, pending, slices]
+        if squares:
+            flat[:squares].square_()
+        out = flat.new_zeros(*flat.shape[:-1], self.total)
+        return out.index_add_(-1, self.index, flat.mul_(self.sign))
+
+    def linear(self, pending: int) -> torch.Tensor:
+        """S_k, <1, g_k>, <1, Delta_k> of the pending steps: float64 [3, pending, total]."""
+        parts = [m.rows(pending).sum(dim=(2, 4)) for m in self.members]  # [3, pending, kept]
+        return self._scatter(parts)
+
+    def quadratic(self, pending: int) -> torch.Tensor:
+        """Q_k, |Delta_k|^2, |g_k|^2 (scale groups; 0 elsewhere), <theta_k, g_k>,
+        <theta_k, Delta_k> of the pending steps: float64 [5, pending, total]."""
+        norms, grads, cross = [], [], []
+        for m in self.members:
+            rows = m.rows(pending)  # [3, pending, before, kept, after]
+            norms.append(torch.linalg.vector_norm(rows[0::2], dim=(2, 4)))  # [2, pending, kept]
+            if m.scale:
+                grads.append(torch.linalg.vector_norm(rows[1], dim=(1, 3)))  # [pending, kept]
+            else:
+                grads.append(m.zeros[:pending])
+            numel = 2 * rows[0].numel()
+            prod = torch.mul(
+                rows[0:1], rows[1:], out=m.bank.scratch[:numel].view(rows[1:].shape)
+            )  # theta_k g_k, theta_k Delta_k [2, pending, before, kept, after]
+            cross.append(prod.sum(dim=(2, 4)))  # [2, pending, kept]
+        parts = [torch.cat(norms, -1), torch.cat(grads, -1)[None], torch.cat(cross, -1)]
+        return self._scatter([torch.cat(parts)], squares=3)
+
 
 class BudgetTracker:
     """Carries the symmetry-breaking budget of every valid group through an optimizer's steps.
+
+    Per step the hooks only copy theta_k and g_k (before) and Delta_k (after) into buffers;
+    every `pending` steps, and whenever the state is read, one flush reduces the buffered
+    steps to their group sums and adds their terms in step order (the schedule depends on the
+    step count and the reads only, so a resumed run reproduces an uninterrupted one bitwise).
 
     Args:
         optimizer: any torch optimizer whose ``step()`` is called without a closure.
@@ -169,11 +269,14 @@ class BudgetTracker:
         groups: symmetry groups; invalid ones and those with a parameter the optimizer does
             not hold or in param groups with different lr/weight_decay are not tracked
             (`skipped` says why).
+        pending: steps buffered before a flush; default: as many as fit in `RING_BYTES`
+            (at most `MAX_PENDING`, at least 1).
 
     Attributes:
         groups: the tracked groups.
         skipped: key -> reason for the groups not tracked.
         step: steps observed.
+        pending: steps buffered before a flush.
     """
 
     def __init__(
@@ -181,6 +284,7 @@ class BudgetTracker:
         optimizer: torch.optim.Optimizer,
         named_params: Iterable[tuple[str, torch.Tensor]],
         groups: Sequence[SymmetryGroup],
+        pending: int | None = None,
     ) -> None:
         self.optimizer = optimizer
         self._by_name = dict(named_params)
@@ -195,10 +299,8 @@ class BudgetTracker:
             else:
                 self.groups.append(g)
         self.step = 0
-        self._saved: dict | None = None
-        self._theta: dict[str, torch.Tensor] = {}
-        self._delta: dict[str, torch.Tensor] = {}
-        self._view_cache: dict[tuple, tuple] = {}
+        self._requested = pending
+        self._open = False  # a step's theta_k and g_k are buffered, Delta_k not yet
         self._build({g.key: self._initial(g) for g in self.groups})
         self._pre = optimizer.register_step_pre_hook(self._before)
         self._post = optimizer.register_step_post_hook(self._after)
@@ -230,71 +332,83 @@ class BudgetTracker:
         return state
 
     def _build(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Packs the per-group state into one flat vector per field and kind class."""
+        """Lays out the buffers and packs the per-group state into one tensor per kind class.
+
+        Pending steps are discarded: flush before.
+        """
         shapes = {n: tuple(p.shape) for n, p in self._by_name.items()}
+        names = list(dict.fromkeys(n for g in self.groups for n in g.params))
+        self._names = names
+        self._params = [self._by_name[n] for n in names]
+        by_kind: dict[tuple, list[str]] = {}
+        for n in names:
+            p = self._by_name[n]
+            by_kind.setdefault((p.device, p.dtype), []).append(n)
+        self._banks = [_Bank(ns, self._by_name) for ns in by_kind.values()]
+        bank_of = {n: b for b in self._banks for n in b.names}
         self._plans: dict[str, _Plan] = {}
-        self._view_cache = {}
-        self._flat: dict[str, dict[str, torch.Tensor]] = {}
+        self._acc: dict[str, torch.Tensor] = {}
+        self._start: dict[str, torch.Tensor] = {}
+        self._angle: dict[str, torch.Tensor] = {}
+        self._pgs = sorted({self._pg_of[n] for n in names})
+        self._pg_cols: dict[str, torch.Tensor | int] = {}
         for cls in FAMILIES:
             gs = [g for g in self.groups if family(g.kind) == cls]
             if not gs:
                 continue
             device = self._by_name[gs[0].params[0]].device
-            self._plans[cls] = _Plan(gs, shapes, device)
-            names = ("initial", *TERMS, *(SCALE_FIELDS if cls == "quadratic" else ()))
-            flat = {}
-            for f in names:
-                parts = [
-                    state[g.key][f] if f in state[g.key] else torch.zeros(g.size).to(device)
-                    for g in gs
-                ]
-                flat[f] = torch.cat([t.to(device=device, dtype=torch.float64) for t in parts])
-            self._flat[cls] = flat
+            plan = self._plans[cls] = _Plan(gs, bank_of, shapes, device)
+            rows = []
+            for f in ("initial", *_accumulated(cls), *(("angle",) if cls == "quadratic" else ())):
+                parts = [state[g.key][f] if f in state[g.key] else torch.zeros(g.size) for g in gs]
+                rows.append(torch.cat([t.to(device=device, dtype=torch.float64) for t in parts]))
+            self._start[cls] = rows[0]
+            self._acc[cls] = torch.stack(rows[1 : 1 + len(_accumulated(cls))])  # [fields, total]
+            if cls == "quadratic":
+                self._angle[cls] = rows[-1]
+            cols = [self._pgs.index(self._pg_of[g.params[0]]) for g in gs]
+            if len(set(cols)) == 1:
+                self._pg_cols[cls] = cols[0]
+            else:
+                per_entry = [c for c, size in zip(cols, plan.sizes) for _ in range(size)]
+                self._pg_cols[cls] = torch.tensor(per_entry, dtype=torch.long, device=device)
+        if self._requested is not None:
+            self.pending = max(1, int(self._requested))
+        else:
+            per_step = sum(b.step_bytes() for b in self._banks) or 1
+            self.pending = max(1, min(MAX_PENDING, RING_BYTES // per_step))
+        for b in self._banks:
+            b.alloc(self.pending, shapes)
+        for plan in self._plans.values():
+            plan.alloc(self.pending)
+        self._count = 0  # steps buffered
+        self._hypers: list[tuple[tuple[float, float], ...]] = []  # (lr, wd) per step, pg
 
     @property
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """key -> field -> float64 [size] views of the live state."""
+        """key -> field -> float64 [size] views of the live state (flushed first)."""
+        self._flush()
         out: dict[str, dict[str, torch.Tensor]] = {}
         for cls, plan in self._plans.items():
-            views = {f: plan.split(t) for f, t in self._flat[cls].items()}
+            fields = {"initial": self._start[cls]}
+            fields.update(zip(_accumulated(cls), self._acc[cls]))
+            if cls == "quadratic":
+                fields["angle"] = self._angle[cls]
+            views = {f: plan.split(t) for f, t in fields.items()}
             for i, g in enumerate(plan.groups):
                 out[g.key] = {f: views[f][i] for f in fields_of(g.kind)}
         return out
 
     def remove(self) -> None:
-        """Detaches the hooks (the state stays readable)."""
+        """Flushes and detaches the hooks (the state stays readable)."""
+        self._flush()
         self._pre.remove()
         self._post.remove()
 
     # ------------------------------------------------------------------ hooks
 
-    def _views(self, cls: str, which: str, tensors: Mapping[str, torch.Tensor]) -> list:
-        """Member views of a persistent buffer set (theta or delta), cached while it lives."""
-        plan = self._plans[cls]
-        key = (cls, which)
-        ids = tuple(id(tensors[m.param]) for m in plan.members)
-        cached = self._view_cache.get(key)
-        if cached is None or cached[0] != ids:
-            cached = self._view_cache[key] = (ids, plan.views(tensors))
-        return cached[1]
-
-    def _rates(self, plan: _Plan) -> tuple[float | torch.Tensor, float | torch.Tensor]:
-        """eta and eta * lam of a plan: floats when all its groups share them, else float64
-        per entry [total]."""
-        hypers = [self._hyper(self._pg_of[g.members[0].param]) for g in plan.groups]
-        if len(set(hypers)) == 1:
-            lr, wd = hypers[0]
-            return lr, lr * wd
-        lrs = [lr for (lr, _), n in zip(hypers, plan.sizes) for _ in range(n)]
-        lwds = [lr * wd for (lr, wd), n in zip(hypers, plan.sizes) for _ in range(n)]
-        device = plan.index.device
-        return (
-            torch.tensor(lrs, dtype=torch.float64, device=device),
-            torch.tensor(lwds, dtype=torch.float64, device=device),
-        )
-
     def _before(self, optimizer, args, kwargs) -> None:
-        """Keeps theta_k and the group sums that need g_k or theta_k only."""
+        """Buffers theta_k and g_k and the step's lr and weight decay."""
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: self
         if closure is not None:
             raise UsageError(
@@ -302,6 +416,7 @@ class BudgetTracker:
                 "update of the observed gradient cannot be seen; call loss.backward() before "
                 "step() without a closure, or track no budget"
             )
+        self._open = False
         no_grad = {}
         for g in self.groups:
             missing = [n for n in g.params if self._by_name[n].grad is None]
@@ -309,53 +424,75 @@ class BudgetTracker:
                 no_grad[g.key] = f"'{missing[0]}' had no gradient at step {self.step}"
         if no_grad:
             self._drop(no_grad)
-        names = list(dict.fromkeys(n for plan in self._plans.values() for n in plan.names))
-        params = [self._by_name[n].detach() for n in names]
-        theta = dict(zip(names, _buffers(self._theta, names, params)))  # theta_k, persistent
-        torch._foreach_copy_(list(theta.values()), params)
-        grad = {n: self._by_name[n].grad.detach() for n in names}
-        sums, views = {}, {}
-        for cls, plan in self._plans.items():
-            lr, lwd = self._rates(plan)
-            vt, vg = self._views(cls, "theta", theta), plan.views(grad)
-            views[cls] = vt
-            if cls == "translation":
-                sums[cls] = (lr, lwd, plan.sum(vt), plan.sum(vg), None)
-            else:
-                base, tg = plan.dot(vt, vt), plan.dot(vt, vg)
-                sums[cls] = (lr, lwd, base, tg, plan.dot(vg, vg, scale_only=True))
-        self._saved = {"theta": theta, "sums": sums, "views": views}
+        if not self._plans:
+            return
+        k = self._count
+        with torch.no_grad():
+            for b in self._banks:
+                theta, grad, _ = b.slots[k]
+                params = [self._by_name[n] for n in b.names]
+                torch._foreach_copy_(theta, params)
+                torch._foreach_copy_(grad, [p.grad for p in params])
+        self._hypers.append(tuple(self._hyper(i) for i in self._pgs))
+        self._open = True
 
     def _after(self, optimizer, args, kwargs) -> None:
-        """Adds this step's terms to the cumulative sums."""
-        saved, self._saved = self._saved, None
-        if saved is None:
+        """Buffers Delta_k = theta_{k+1} - theta_k; flushes when the buffers are full."""
+        if not self._open:
             return
-        theta = saved["theta"]
+        self._open = False
+        k = self._count
         with torch.no_grad():
-            names = list(theta)
-            params = [self._by_name[n].detach() for n in names]
-            # Delta_k = theta_{k+1} - theta_k [*shape], in persistent buffers
-            delta = dict(zip(names, _buffers(self._delta, names, params)))
-            torch._foreach_copy_(list(delta.values()), params)
-            torch._foreach_sub_(list(delta.values()), list(theta.values()))
-            for cls, plan in self._plans.items():
-                lr, lwd, base, tg, gsq = saved["sums"][cls]
-                flat = self._flat[cls]
-                vd = self._views(cls, "delta", delta)
-                if cls == "translation":
-                    terms = step_terms(1.0, lr, lwd, base, tg, plan.sum(vd), None)
-                else:
-                    vt = saved["views"][cls]
-                    td, dd = plan.dot(vt, vd), plan.dot(vd, vd)
-                    terms = step_terms(2.0, lr, lwd, base, tg, td, dd)
-                    a = angle(base, td, dd)
-                    flat["angle"].copy_(a)
-                    flat["angle_sum"].add_(a)
-                    flat["grad_sq_sum"].add_(gsq)
-                for name, value in terms.items():
-                    flat[name].add_(value)
+            for b in self._banks:
+                torch._foreach_copy_(b.slots[k][2], [self._by_name[n] for n in b.names])
+                b.buffer[2, k].sub_(b.buffer[0, k])  # Delta_k [N]
+        self._count += 1
         self.step += 1
+        if self._count == self.pending:
+            self._flush()
+
+    def _rates(self, cls: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """eta_k and eta_k lam of the buffered steps: float64 [pending, 1], or [pending, total]
+        when the plan's groups sit in several param groups."""
+        device = self._plans[cls].device
+        rates = torch.tensor(
+            [
+                [[lr for lr, _ in h] for h in self._hypers],
+                [[lr * wd for lr, wd in h] for h in self._hypers],
+            ],
+            dtype=torch.float64,
+            device=device,
+        )  # [2, pending, param groups]
+        cols = self._pg_cols[cls]
+        if isinstance(cols, int):
+            rates = rates[..., cols : cols + 1]  # [2, pending, 1]
+        else:
+            rates = rates.index_select(-1, cols)  # [2, pending, total]
+        return rates[0], rates[1]
+
+    def _flush(self) -> None:
+        """Adds the terms of the buffered steps to the cumulative sums, in step order."""
+        pending, self._count = self._count, 0
+        if not pending:
+            return
+        with torch.no_grad():
+            for cls, plan in self._plans.items():
+                lr, lwd = self._rates(cls)
+                if cls == "translation":
+                    base, tg, td = plan.linear(pending)  # [pending, total] each
+                    terms = step_terms(1.0, lr, lwd, base, tg, td, None)
+                    steps = [terms[t] for t in TERMS]
+                else:
+                    base, dd, gsq, tg, td = plan.quadratic(pending)  # [pending, total] each
+                    terms = step_terms(2.0, lr, lwd, base, tg, td, dd)
+                    a = angle(base, td, dd)  # [pending, total]
+                    self._angle[cls].copy_(a[-1])
+                    steps = [terms[t] for t in TERMS] + [a, gsq]
+                acc = self._acc[cls]  # [fields, total]
+                # sequential sums (cumsum), as if each step were added on its own
+                sums = torch.cat([acc[:, None], torch.stack(steps)], dim=1).cumsum_(1)
+                acc.copy_(sums[:, -1])
+        self._hypers = []
 
     def _drop(self, reasons: Mapping[str, str]) -> None:
         state = self.state
@@ -377,7 +514,7 @@ class BudgetTracker:
         }
 
     def load_state_dict(self, saved: Mapping) -> None:
-        """Restores a `state_dict` exactly (bitwise resumption).
+        """Restores a `state_dict` exactly (bitwise resumption); buffered steps are dropped.
 
         Raises:
             CorruptFileError: when it is not a budget state or does not fit this model.
@@ -397,6 +534,7 @@ class BudgetTracker:
                     "; resume with the model and optimizer that wrote it"
                 )
         self.groups = groups
+        self._open = False
         self._build(saved["state"])
         self.step = int(saved["step"])
 
@@ -442,62 +580,41 @@ def _squares(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t * t for n, t in values.items()}
 
 
-def _buffers(
-    store: dict[str, torch.Tensor], names: Sequence[str], like: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Persistent tensors shaped like `like` (made once, reused every step: no allocation)."""
-    out = []
-    for n, p in zip(names, like):
-        buf = store.get(n)
-        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = store[n] = torch.empty_like(p)
-        out.append(buf)
-    return out
+def _accumulated(cls: str) -> tuple[str, ...]:
+    """The fields of a kind class carried as cumulative sums, in the order of its state rows."""
+    return (*TERMS, *(("angle_sum", "grad_sq_sum") if cls == "quadratic" else ()))
 
 
-def _slice_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-slice <x, y> of [before, kept, after] views: [kept], the fastest CPU/GPU path."""
-    if x.shape[0] == 1:
-        return torch.linalg.vecdot(x[0], y[0])  # rows: no temporary
-    if x.shape[2] == 1:
-        return (x[..., 0] * y[..., 0]).sum(dim=0)  # columns
-    return (x * y).sum(dim=(0, 2))
-
-
-def _slice_sum(x: torch.Tensor) -> torch.Tensor:
-    """Per-slice sum of a [before, kept, after] view: [kept]."""
-    if x.shape[0] == 1:
-        return x[0].sum(dim=1)
-    if x.shape[2] == 1:
-        return x[..., 0].sum(dim=0)
-    return x.sum(dim=(0, 2))
-
-
-def _member_view(x: torch.Tensor, member: Member) -> torch.Tensor:
-    """x as [before, kept, after] around the member's group axis (dim None: [1, 1, all])."""
-    if member.dim is None:
-        return x.reshape(1, 1, -1)
-    dim = member.dim % x.ndim
+def _member_sums(x: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """Signed sums of x [*shape] per group of one member, float64 [size] (zeros elsewhere)."""
     shape = x.shape
-    return x.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+    if member.dim is None:
+        per_slice = x.reshape(1, 1, -1).sum(dim=(0, 2))  # [1]
+    else:
+        dim = member.dim % x.ndim
+        view = x.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+        per_slice = view.sum(dim=(0, 2))  # [kept]
+    grouped = per_slice.reshape(-1, member.block).sum(dim=1) * member.sign  # [kept / block]
+    out = torch.zeros(size, dtype=torch.float64, device=x.device)
+    out[member.offset : member.offset + grouped.numel()] = grouped
+    return out
 
 
 def group_dot(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], group: SymmetryGroup
 ) -> torch.Tensor:
-    """Signed per-group <a, b> (`Utils.groups.group_sum` of a * b without forming it).
+    """Signed per-group <a, b> in float64 (`Utils.groups.group_sum` of a * b).
 
     Returns:
         float64 [group.size].
     """
-    plan = _Plan([group], {n: tuple(t.shape) for n, t in a.items()}, a[group.params[0]].device)
-    return plan.dot(plan.views(a), plan.views(b))
+    wide = {n: a[n].to(torch.float64) * b[n].to(torch.float64) for n in group.params}
+    return sum(_member_sums(wide[m.param], m, group.size) for m in group.members)
 
 
 def group_total(a: Mapping[str, torch.Tensor], group: SymmetryGroup) -> torch.Tensor:
     """Signed per-group sum of a (`Utils.groups.group_sum`), float64 [group.size]."""
-    plan = _Plan([group], {n: tuple(t.shape) for n, t in a.items()}, a[group.params[0]].device)
-    return plan.sum(plan.views(a))
+    return sum(_member_sums(a[m.param].to(torch.float64), m, group.size) for m in group.members)
 
 
 def budget_arrays(budget: Mapping) -> dict[str, dict[str, np.ndarray]]:
