@@ -277,6 +277,82 @@ def test_budget_state_dict_resumes_bitwise():
         tracker2.load_state_dict({"version": 99})
 
 
+def scheduled_run(dtype: torch.dtype, pending: int, read_every_step: bool, via_data: bool):
+    """AdamW on SymNet for 13 steps with an lr drop after 5 (MultiStepLR) and ``net.0.weight``
+    halved in place between steps 7 and 8 (under no_grad, or through ``.data``, which
+    autograd's version counter does not see).
+
+    Returns:
+        final snapshot; per step, per group, the measured change across the optimizer step
+        and the sum of the step's terms (when `read_every_step`); the change of Q of
+        ``scale/net.0`` by the halving [6] and Q at the end [6].
+    """
+    torch.manual_seed(0)
+    model = SymNet().to(dtype)
+    named = list(model.named_parameters())
+    params = dict(named)
+    opt = make_optimizer("adamw", named, lr=0.05)
+    tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=pending)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[5], gamma=0.1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 32, 8, generator=gen).to(dtype)
+    y = torch.randint(0, 3, (13, 32), generator=gen)
+    steps = []
+    for k in range(13):
+        if k == 7:
+            jump = -theory.measure(SYM_GROUPS[0], params).numpy()
+            if via_data:
+                params["net.0.weight"].data.mul_(0.5)
+            else:
+                with torch.no_grad():
+                    params["net.0.weight"].mul_(0.5)
+            jump += theory.measure(SYM_GROUPS[0], params).numpy()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        before = {g.key: theory.measure(g, params).numpy() for g in SYM_GROUPS}
+        cum = tracker.snapshot() if read_every_step else None
+        opt.step()
+        scheduler.step()
+        if read_every_step:
+            now = tracker.snapshot()
+            steps.append(
+                {
+                    g.key: (
+                        theory.measure(g, params).numpy() - before[g.key],
+                        sum(now[g.key][t] - cum[g.key][t] for t in TERMS),
+                    )
+                    for g in SYM_GROUPS
+                }
+            )
+    assert tracker.step == 13
+    return tracker.snapshot(), steps, jump, theory.measure(SYM_GROUPS[0], params).numpy()
+
+
+@pytest.mark.parametrize("via_data", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_budget_does_not_depend_on_the_flush_schedule(dtype, tol, via_data):
+    """Buffered steps reduced every 4 steps (and at the end) give bitwise the budget of steps
+    reduced one by one, through an lr drop and an in-place change of a parameter between two
+    steps, which appears in neither step's terms (the identity holds across each step)."""
+    every, steps, jump, q_end = scheduled_run(dtype, 1, read_every_step=True, via_data=via_data)
+    buffered, *_ = scheduled_run(dtype, 4, read_every_step=False, via_data=via_data)
+    assert every.keys() == buffered.keys()
+    for key in every:
+        for f in every[key]:
+            assert np.array_equal(every[key][f], buffered[key][f]), (key, f)
+    magnitude = {g.key: np.abs(every[g.key]["initial"]).max() for g in SYM_GROUPS}
+    for k, step in enumerate(steps):
+        for key, (change, total) in step.items():
+            assert np.abs(change - total).max() <= tol * magnitude[key], (k, key)
+    # the halving moved Q by far more than any step and is in no term: the carried sums
+    # miss exactly it
+    q = every["scale/net.0"]
+    carried = q["initial"] + sum(q[t] for t in TERMS)  # [6]
+    moves = max(np.abs(step["scale/net.0"][0]).max() for step in steps)
+    assert np.abs(jump).min() > 4 * moves
+    assert np.abs(q_end - jump - carried).max() <= 13 * tol * magnitude["scale/net.0"]
+
+
 def test_group_dot_equals_group_sum():
     """`group_dot` / `group_total` against `Utils.groups.group_sum` of the elementwise terms."""
     gen = torch.Generator().manual_seed(0)
