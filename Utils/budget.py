@@ -502,6 +502,7 @@ class BudgetTracker:
                 params = [self._by_name[n] for n in b.names]
                 torch._foreach_copy_(theta, params)
                 torch._foreach_copy_(grad, [p.grad for p in params])
+        del self._hypers[k:]  # a step that raised after this hook left its entry
         self._hypers.append(tuple(self._hyper(i) for i in self._pgs))
         self._open = True
 

@@ -353,6 +353,50 @@ def test_budget_does_not_depend_on_the_flush_schedule(dtype, tol, via_data):
     assert np.abs(q_end - jump - carried).max() <= 13 * tol * magnitude["scale/net.0"]
 
 
+class FailingOnce(torch.optim.AdamW):
+    """AdamW whose third step raises after the pre-hooks ran (nothing is updated)."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        """Raises on the third call."""
+        FailingOnce.calls += 1
+        if FailingOnce.calls == 3:
+            raise FloatingPointError("step skipped")
+        return super().step(closure)
+
+
+def test_a_step_that_raises_is_not_counted():
+    """A step that raises between the hooks leaves no trace: budget and identity as if it had
+    not been called (its lr is not paired with a later step when the steps are buffered)."""
+    results = []
+    for raising in (False, True):
+        torch.manual_seed(0)
+        model = SymNet().double()
+        named = list(model.named_parameters())
+        cls = FailingOnce if raising else torch.optim.AdamW
+        FailingOnce.calls = 0
+        opt = cls([p for _, p in named], lr=0.05, weight_decay=1e-2)
+        tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=4)
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(6, 32, 8, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (6, 32), generator=gen)
+        for k in range(6):
+            for group in opt.param_groups:
+                group["lr"] = 0.05 / (k + 1)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+            if raising and k == 2:
+                with pytest.raises(FloatingPointError):
+                    opt.step()
+            opt.step()
+        assert tracker.step == 6
+        results.append(tracker.snapshot())
+    for key in results[0]:
+        for f in results[0][key]:
+            assert np.array_equal(results[0][key][f], results[1][key][f]), (key, f)
+
+
 def test_group_dot_equals_group_sum():
     """`group_dot` / `group_total` against `Utils.groups.group_sum` of the elementwise terms."""
     gen = torch.Generator().manual_seed(0)
