@@ -144,84 +144,96 @@ class _Bank:
 
 
 class _Source:
-    """One parameter of a plan and how its members reduce it.
+    """Same-shaped parameters side by side in a bank whose members split them alike.
 
-    The products are formed chunk by chunk along the parameter's first axis (`CHUNK`
-    elements per buffered step), so that the scratch stays in cache; a member whose group
-    axis is the first takes its slices from each chunk, the others add up partial sums.
+    The products are formed chunk by chunk (`CHUNK` elements per buffered step: whole
+    parameters of a family, or rows of a single large one), so that the scratch stays in
+    cache and few calls serve many small parameters; a member whose group axis is the first
+    (or a family's) takes its slices from each chunk, the others add up partial sums.
 
-    Attributes:
-        bank: its bank.
-        start, stop: its flat range in the bank.
-        shape: its shape.
-        lead: indices of the first axis per chunk.
-        members: (position in the plan's members, dim or None, slices) of each member.
-        scale: whether some member belongs to a scale group (|g_k|^2 is needed).
+    Args:
+        bank: their bank.
+        names: the parameters, consecutive in the bank.
+        shape: their shape.
+        members: (dim or None, in a scale group) of their members, alike for all of them.
     """
 
-    def __init__(self, bank: _Bank, name: str, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        bank: _Bank,
+        names: Sequence[str],
+        shape: tuple[int, ...],
+        members: Sequence[tuple[int | None, bool]],
+    ) -> None:
         self.bank = bank
-        self.start = bank.offsets[name]
-        self.stop = self.start + math.prod(shape)
+        self.count = len(names)
         self.shape = shape if shape else (1,)
+        self.numel = math.prod(self.shape)
+        self.start = bank.offsets[names[0]]
+        self.stop = self.start + self.count * self.numel
+        self.members = list(members)
+        self.scale = any(scale for _, scale in self.members)
         rest = math.prod(self.shape[1:])
-        self.lead = max(1, min(self.shape[0], CHUNK // max(rest, 1)))
-        self.members: list[tuple[int, int | None, int]] = []
-        self.scale = False
-        bank.chunk = max(bank.chunk, self.lead * rest)
-
-    def add(self, position: int, member: Member, scale: bool) -> int:
-        """Adds a member; returns its number of slices."""
-        dim = None if member.dim is None else member.dim % len(self.shape)
-        slices = 1 if dim is None else self.shape[dim]
-        self.members.append((position, dim, slices))
-        self.scale = self.scale or scale
-        return slices
+        if self.count > 1:  # whole parameters per chunk
+            self.per, self.lead = max(1, min(self.count, CHUNK // self.numel)), self.shape[0]
+        else:  # rows of one parameter per chunk
+            self.per, self.lead = 1, max(1, min(self.shape[0], CHUNK // max(rest, 1)))
+        bank.chunk = max(bank.chunk, self.per * self.lead * rest)
 
     def _chunks(self, pending: int):
-        """(first index, rows [3, pending, part], views) per chunk of the first axis."""
+        """(rows [3, pending, size], member views (params, before, kept, after)) per chunk."""
         rows = self.bank.buffer[:, :pending, self.start : self.stop]  # [3, pending, numel]
         rest = math.prod(self.shape[1:])
-        for i in range(0, self.shape[0], self.lead):
-            lead = min(self.lead, self.shape[0] - i)
-            views = []
-            for _, dim, _ in self.members:
-                if dim is None:
-                    views.append((1, 1, lead * rest))
+        for f in range(0, self.count, self.per):
+            params = min(self.per, self.count - f)
+            for r in range(0, self.shape[0], self.lead):
+                lead = min(self.lead, self.shape[0] - r)
+                if self.count > 1:
+                    chunk = rows[:, :, f * self.numel : (f + params) * self.numel]
                 else:
-                    shape = (lead, *self.shape[1:])
-                    views.append((math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :])))
-            yield i, rows[:, :, i * rest : (i + lead) * rest], views
+                    chunk = rows[:, :, r * rest : (r + lead) * rest]
+                shape = (lead, *self.shape[1:])
+                views = []
+                for dim, _ in self.members:
+                    if dim is None:
+                        views.append((params, 1, 1, lead * rest))
+                    else:
+                        before, after = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+                        views.append((params, before, shape[dim], after))
+                yield chunk, views
 
-    def _collect(self, parts: list, sums: list[list[torch.Tensor]]) -> None:
-        """Per member: the chunks' slices side by side (first axis) or their partial sums."""
-        for (position, dim, _), pieces in zip(self.members, sums):
-            if dim == 0 or len(pieces) == 1:
-                parts[position] = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+    def _collect(self, pieces: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Per member: the chunks' slices side by side, or their partial sums added."""
+        parts = []
+        for (dim, _), own in zip(self.members, pieces):
+            if len(own) == 1:
+                parts.append(own[0])
+            elif dim == 0 or self.count > 1:
+                parts.append(torch.cat(own, dim=-1))
             else:
-                total = pieces[0].clone()
-                for piece in pieces[1:]:
+                total = own[0].clone()
+                for piece in own[1:]:
                     total.add_(piece)
-                parts[position] = total
+                parts.append(total)
+        return parts
 
-    def linear(self, pending: int, parts: list) -> None:
-        """Per-slice sums of theta_k, g_k, Delta_k into parts[position]: [3, pending, kept]."""
-        sums: list[list[torch.Tensor]] = [[] for _ in self.members]
-        for _, rows, views in self._chunks(pending):
-            for out, view in zip(sums, views):
-                out.append(_slice_sums(rows.view(3, pending, *view)))
-        self._collect(parts, sums)
+    def linear(self, pending: int) -> list[torch.Tensor]:
+        """Per member, per-slice sums of theta_k, g_k, Delta_k: [3, pending, slices]."""
+        pieces: list[list[torch.Tensor]] = [[] for _ in self.members]
+        for rows, views in self._chunks(pending):
+            for own, view in zip(pieces, views):
+                own.append(_slice_sums(rows.view(3, pending, *view)))
+        return self._collect(pieces)
 
-    def quadratic(self, pending: int, parts: list) -> None:
-        """Per-slice |theta_k|^2, |Delta_k|^2, <theta_k, g_k>, <theta_k, Delta_k> and |g_k|^2
-        (0 outside scale groups) into parts[position]: [5, pending, kept]."""
+    def quadratic(self, pending: int) -> list[torch.Tensor]:
+        """Per member, per-slice |theta_k|^2, |Delta_k|^2, <theta_k, g_k>, <theta_k, Delta_k>
+        (and |g_k|^2 when some member is in a scale group): [4 or 5, pending, slices]."""
         rest = math.prod(self.shape[1:])
-        if rest >= 64 and all(dim == 0 for _, dim, _ in self.members):
-            self._rows(pending, parts)
-            return
+        if rest >= 64 and all(dim == 0 for dim, _ in self.members):
+            return self._rows(pending, rest)
         planes = 5 if self.scale else 4
-        sums: list[list[torch.Tensor]] = [[] for _ in self.members]
-        for _, rows, views in self._chunks(pending):
+        pieces: list[list[torch.Tensor]] = [[] for _ in self.members]
+        for rows, views in self._chunks(pending):
             size = rows.shape[-1]
             # theta theta, Delta Delta, theta g, theta Delta(, g g) [planes, pending, size]
             prod = self.bank.scratch[: planes * pending * size].view(planes, pending, size)
@@ -229,43 +241,40 @@ class _Source:
             torch.mul(rows[0:1], rows[1:], out=prod[2:4])
             if self.scale:
                 torch.mul(rows[1], rows[1], out=prod[4])
-            for out, view in zip(sums, views):
-                out.append(_slice_sums(prod.view(planes, pending, *view)))
-        self._collect(parts, sums)
-        if not self.scale:
-            for position, _, _ in self.members:
-                part = parts[position]  # [4, pending, kept]
-                parts[position] = torch.cat([part, part.new_zeros(1, *part.shape[1:])])
+            for own, view in zip(pieces, views):
+                own.append(_slice_sums(prod.view(planes, pending, *view)))
+        return self._collect(pieces)
 
-    def _rows(self, pending: int, parts: list) -> None:
+    def _rows(self, pending: int, rest: int) -> list[torch.Tensor]:
         """`quadratic` of long rows (group axis first): squares as norms, read once."""
         pieces = []
-        for _, rows, _ in self._chunks(pending):
-            x = rows.view(3, pending, -1, math.prod(self.shape[1:]))  # [3, pending, lead, rest]
-            squares = torch.linalg.vector_norm(x[0::2], dim=-1).square_()  # [2, pending, lead]
-            size = rows.shape[-1]
-            prod = self.bank.scratch[: 2 * pending * size].view(2, pending, *x.shape[2:])
-            cross = torch.mul(x[0:1], x[1:], out=prod).sum(dim=-1)  # [2, pending, lead]
+        for rows, _ in self._chunks(pending):
+            x = rows.view(3, pending, -1, rest)  # [3, pending, rows, rest]
+            norms = [torch.linalg.vector_norm(x[0::2], dim=-1)]  # [2, pending, rows]
+            prod = self.bank.scratch[: 2 * rows.shape[-1] * pending].view(2, *x.shape[1:])
+            cross = torch.mul(x[0:1], x[1:], out=prod).sum(dim=-1)  # [2, pending, rows]
             if self.scale:
-                grad = torch.linalg.vector_norm(x[1:2], dim=-1).square_()  # [1, pending, lead]
-            else:
-                grad = cross.new_zeros(1, *cross.shape[1:])
-            pieces.append(torch.cat([squares, cross, grad]))  # [5, pending, lead]
+                norms.append(torch.linalg.vector_norm(x[1:2], dim=-1))  # [1, pending, rows]
+            piece = torch.cat([norms[0], cross, *norms[1:]])  # [planes, pending, rows]
+            piece[0:2].square_()
+            if self.scale:
+                piece[4].square_()
+            pieces.append(piece)
         part = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
-        for position, _, _ in self.members:
-            parts[position] = part
+        return [part] * len(self.members)
 
 
 class _Plan:
     """The groups of one kind class, reduced together to signed per-group sums.
 
-    Each parameter is reduced to the per-slice sums of its members over all buffered steps
-    at once, the slices of all members are concatenated, cast to float64, signed and
-    scattered into the groups' entries with one ``index_add``.
+    Each source (`_Source`) is reduced to the per-slice sums of its members over all buffered
+    steps at once, the slices of all members are concatenated, cast to float64, signed and
+    scattered into the groups' entries with one ``index_add`` (|g_k|^2 with another, over the
+    members of scale groups).
 
     Args:
         groups: the groups, in entry order.
-        banks: parameter name -> its bank.
+        banks: the banks; parameter names in layout order.
         shapes: parameter name -> shape.
         device: where the state lives.
     """
@@ -273,57 +282,99 @@ class _Plan:
     def __init__(
         self,
         groups: Sequence[SymmetryGroup],
-        banks: Mapping[str, _Bank],
+        banks: Sequence[_Bank],
         shapes: Mapping[str, tuple[int, ...]],
         device: torch.device,
     ) -> None:
         self.groups = list(groups)
         self.sizes = [g.size for g in self.groups]
         self.total = sum(self.sizes)
-        sources: dict[str, _Source] = {}
-        index: list[int] = []
-        sign: list[float] = []
-        start = position = 0
+        # parameter -> (dim, in a scale group, entries of its slices, sign) per member
+        members: dict[str, list[tuple[int | None, bool, list[int], float]]] = {}
+        start = 0
         for g in self.groups:
             for m in g.members:
-                src = sources.get(m.param)
-                if src is None:
-                    src = sources[m.param] = _Source(banks[m.param], m.param, shapes[m.param])
-                slices = src.add(position, m, g.kind == "scale")
-                position += 1
-                index += [start + m.offset + j // m.block for j in range(slices)]
-                sign += [float(m.sign)] * slices
+                shape = shapes[m.param]
+                dim = None if m.dim is None else m.dim % max(len(shape), 1)
+                slices = 1 if dim is None else shape[dim]
+                entries = [start + m.offset + j // m.block for j in range(slices)]
+                members.setdefault(m.param, []).append(
+                    (dim, g.kind == "scale", entries, float(m.sign))
+                )
             start += g.size
-        self.sources = list(sources.values())
-        self.count = position
+        self.sources: list[_Source] = []
+        index: list[int] = []
+        sign: list[float] = []
+        grad_index: list[int] = []
+        grad_sign: list[float] = []
+        self.scale_parts: list[bool] = []
+        for bank in banks:
+            for run in _runs(bank, members, shapes):
+                signature = [(d, sc) for d, sc, _, _ in members[run[0]]]
+                self.sources.append(_Source(bank, run, shapes[run[0]], signature))
+                for j, (_, scale) in enumerate(signature):
+                    self.scale_parts.append(scale)
+                    for n in run:
+                        _, _, entries, sg = members[n][j]
+                        index += entries
+                        sign += [sg] * len(entries)
+                        if scale:
+                            grad_index += entries
+                            grad_sign += [sg] * len(entries)
         self.device = device
         self.index = torch.tensor(index, dtype=torch.long, device=device)
         self.sign = torch.tensor(sign, dtype=torch.float64, device=device)
+        self.grad_index = torch.tensor(grad_index, dtype=torch.long, device=device)
+        self.grad_sign = torch.tensor(grad_sign, dtype=torch.float64, device=device)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-group views of a [total] vector."""
         return list(torch.split(flat, self.sizes))
 
-    def _scatter(self, parts: list[torch.Tensor]) -> torch.Tensor:
+    def _scatter(
+        self, parts: list[torch.Tensor], index: torch.Tensor, sign: torch.Tensor
+    ) -> torch.Tensor:
         """[rows, pending, slices] pieces -> signed float64 group sums [rows, pending, total]."""
         flat = torch.cat(parts, dim=-1).to(torch.float64)  # [rows, pending, slices]
         out = flat.new_zeros(*flat.shape[:-1], self.total)
-        return out.index_add_(-1, self.index, flat.mul_(self.sign))
+        return out.index_add_(-1, index, flat.mul_(sign))
 
     def linear(self, pending: int) -> torch.Tensor:
         """S_k, <1, g_k>, <1, Delta_k> of the pending steps: float64 [3, pending, total]."""
-        parts: list = [None] * self.count
-        for src in self.sources:
-            src.linear(pending, parts)
-        return self._scatter(parts)
+        parts = [part for src in self.sources for part in src.linear(pending)]
+        return self._scatter(parts, self.index, self.sign)
 
-    def quadratic(self, pending: int) -> torch.Tensor:
-        """Q_k, |Delta_k|^2, <theta_k, g_k>, <theta_k, Delta_k>, |g_k|^2 (scale groups; 0
-        elsewhere) of the pending steps: float64 [5, pending, total]."""
-        parts: list = [None] * self.count
-        for src in self.sources:
-            src.quadratic(pending, parts)
-        return self._scatter(parts)
+    def quadratic(self, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q_k, |Delta_k|^2, <theta_k, g_k>, <theta_k, Delta_k> of the pending steps: float64
+        [4, pending, total]; and |g_k|^2 [pending, total] (scale groups; 0 elsewhere)."""
+        parts = [part for src in self.sources for part in src.quadratic(pending)]
+        main = self._scatter([part[:4] for part in parts], self.index, self.sign)
+        scale = [part[4:] for part, sc in zip(parts, self.scale_parts) if sc]
+        if not scale:
+            return main, main.new_zeros(main.shape[1:])
+        return main, self._scatter(scale, self.grad_index, self.grad_sign)[0]
+
+
+def _runs(bank: _Bank, members: Mapping[str, list], shapes: Mapping[str, tuple[int, ...]]):
+    """The bank's parameters in `members`, in runs of consecutive, same-shaped ones whose
+    members split them alike (one `_Source` each)."""
+    run: list[str] = []
+    key = None
+    for n in bank.names:
+        if n not in members:
+            if run:
+                yield run
+            run, key = [], None
+            continue
+        this = (shapes[n], tuple((d, sc) for d, sc, _, _ in members[n]))
+        if run and this == key:
+            run.append(n)
+        else:
+            if run:
+                yield run
+            run, key = [n], this
+    if run:
+        yield run
 
 
 class BudgetTracker:
@@ -409,14 +460,15 @@ class BudgetTracker:
         """
         shapes = {n: tuple(p.shape) for n, p in self._by_name.items()}
         names = list(dict.fromkeys(n for g in self.groups for n in g.params))
-        self._names = names
-        self._params = [self._by_name[n] for n in names]
+        first: dict[tuple[int, ...], int] = {}
+        for n in names:
+            first.setdefault(shapes[n], len(first))
+        names.sort(key=lambda n: first[shapes[n]])  # same-shaped parameters side by side
         by_kind: dict[tuple, list[str]] = {}
         for n in names:
             p = self._by_name[n]
             by_kind.setdefault((p.device, p.dtype), []).append(n)
         self._banks = [_Bank(ns, self._by_name) for ns in by_kind.values()]
-        bank_of = {n: b for b in self._banks for n in b.names}
         self._plans: dict[str, _Plan] = {}
         self._acc: dict[str, torch.Tensor] = {}
         self._start: dict[str, torch.Tensor] = {}
@@ -428,7 +480,7 @@ class BudgetTracker:
             if not gs:
                 continue
             device = self._by_name[gs[0].params[0]].device
-            plan = self._plans[cls] = _Plan(gs, bank_of, shapes, device)
+            plan = self._plans[cls] = _Plan(gs, self._banks, shapes, device)
             rows = []
             for f in ("initial", *_accumulated(cls), *(("angle",) if cls == "quadratic" else ())):
                 parts = [state[g.key][f] if f in state[g.key] else torch.zeros(g.size) for g in gs]
@@ -559,7 +611,7 @@ class BudgetTracker:
                     terms = step_terms(1.0, lr, lwd, base, tg, td, None)
                     steps = [terms[t] for t in TERMS]
                 else:
-                    base, dd, tg, td, gsq = plan.quadratic(pending)  # [pending, total] each
+                    (base, dd, tg, td), gsq = plan.quadratic(pending)  # [pending, total] each
                     terms = step_terms(2.0, lr, lwd, base, tg, td, dd)
                     a = angle(base, td, dd)  # [pending, total]
                     self._angle[cls].copy_(a[-1])
@@ -662,14 +714,15 @@ def _accumulated(cls: str) -> tuple[str, ...]:
 
 
 def _slice_sums(x: torch.Tensor) -> torch.Tensor:
-    """Per-slice sums of [rows, pending, before, kept, after]: [rows, pending, kept].
+    """Per-slice sums of [rows, pending, params, before, kept, after]: [rows, pending,
+    params kept] (parameter-major).
 
     The leading axis is summed first (a contiguous, vectorised reduction), then the trailing
     one: several times faster on CPU than both at once.
     """
-    if x.shape[2] > 1:
-        x = x.sum(dim=2, keepdim=True)  # [rows, pending, 1, kept, after]
-    return x.sum(dim=(2, 4))
+    if x.shape[3] > 1:
+        x = x.sum(dim=3, keepdim=True)  # [rows, pending, params, 1, kept, after]
+    return x.sum(dim=(3, 5)).flatten(2)
 
 
 def _member_sums(x: torch.Tensor, member: Member, size: int) -> torch.Tensor:

@@ -397,6 +397,145 @@ def test_a_step_that_raises_is_not_counted():
             assert np.array_equal(results[0][key][f], results[1][key][f]), (key, f)
 
 
+class ConvMLP(nn.Module):
+    """Conv2d(2, 4, 3) -> ReLU -> Conv2d(4, 4, 3, pad 1) -> ReLU -> flatten [B, 36] ->
+    Linear(36, 16) -> ReLU -> Linear(16, 16) -> ReLU -> Linear(16, 16) -> ReLU -> Linear(16, 3):
+    same-shaped layers (one source for several parameters), a conv weight split by rows and
+    by columns, a flatten block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(36, 16),
+            nn.ReLU(),
+            nn.Linear(16, 16),
+            nn.ReLU(),
+            nn.Linear(16, 16),
+            nn.ReLU(),
+            nn.Linear(16, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # [B, 3]
+
+
+def _pair(a: str, b: str, size: int, block: int = 1) -> SymmetryGroup:
+    """Rescale group between layers a (rows) and b (columns)."""
+    return SymmetryGroup(
+        "rescale",
+        f"{a}->{b}",
+        size,
+        (
+            Member(f"{a}.weight", 0),
+            Member(f"{a}.bias", 0),
+            Member(f"{b}.weight", 1, block, sign=-1),
+        ),
+    )
+
+
+CONV_GROUPS = [
+    _pair("net.0", "net.2", 4),
+    SymmetryGroup("scale", "net.2", 4, (Member("net.2.weight", 0), Member("net.2.bias", 0))),
+    _pair("net.2", "net.5", 4, block=9),
+    _pair("net.5", "net.7", 16),
+    _pair("net.7", "net.9", 16),
+    SymmetryGroup("scale", "net.9", 16, (Member("net.9.weight", 0), Member("net.9.bias", 0))),
+    SymmetryGroup(
+        "translation",
+        "net.11",
+        17,
+        (Member("net.11.weight", 1), Member("net.11.bias", None, offset=16)),
+    ),
+]
+
+
+def reference_budget(groups, steps):
+    """The budget of recorded steps, per step from `group_dot` / `group_total` in float64.
+
+    Args:
+        steps: (theta_k, g_k, theta_{k+1}, lr, wd) per step (name -> tensor).
+
+    Returns:
+        key -> field -> cumulative [size] (no ``initial``).
+    """
+    out = {}
+    for g in groups:
+        fields = {f: 0.0 for f in (*TERMS, "angle_sum", "grad_sq_sum")}
+        for theta, grad, after, lr, wd in steps:
+            delta = {n: after[n] - theta[n] for n in theta}
+            if g.kind == "translation":
+                base, tg, td, dd, factor = (
+                    group_total(theta, g),
+                    group_total(grad, g),
+                    group_total(delta, g),
+                    0.0,
+                    1.0,
+                )
+            else:
+                base, tg = group_dot(theta, theta, g), group_dot(theta, grad, g)
+                td, dd, factor = group_dot(theta, delta, g), group_dot(delta, delta, g), 2.0
+                cross = (base * dd - td * td).clamp_min(0.0).sqrt()
+                fields["angle"] = torch.atan2(cross, base + td)
+                fields["angle_sum"] = fields["angle_sum"] + fields["angle"]
+                fields["grad_sq_sum"] = fields["grad_sq_sum"] + group_dot(grad, grad, g)
+            decay = -factor * lr * wd * base
+            leak = -factor * lr * tg
+            fields["decay"] = fields["decay"] + decay
+            fields["leak"] = fields["leak"] + leak
+            fields["kinetic"] = fields["kinetic"] + factor * td - decay - leak
+            fields["discretisation"] = fields["discretisation"] + dd
+        out[g.key] = fields
+    return out
+
+
+@pytest.mark.parametrize("chunk", [None, 40])
+@pytest.mark.parametrize("pending", [1, 3])
+def test_budget_matches_a_direct_computation(monkeypatch, chunk, pending):
+    """Every field of every group after 7 Adam steps (lr changed each step) equals the sums of
+    the per-step terms computed directly in float64 from theta_k, g_k, theta_{k+1}: with
+    products formed whole or in chunks of 40 elements (rows of one parameter, or one of
+    several same-shaped parameters at a time), reduced every step or every 3."""
+    import Utils.budget as budget
+
+    if chunk is not None:
+        monkeypatch.setattr(budget, "CHUNK", chunk)
+    torch.manual_seed(0)
+    model = ConvMLP().double()
+    named = list(model.named_parameters())
+    params = dict(named)
+    opt = torch.optim.Adam([p for _, p in named], lr=0.02, weight_decay=1e-2)
+    tracker = BudgetTracker(opt, named, CONV_GROUPS, pending=pending)
+    assert tracker.skipped == {}
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 16, 2, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7, 16), generator=gen)
+    steps = []
+    for k in range(7):
+        opt.param_groups[0]["lr"] = 0.02 / (1 + k)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        theta = {n: p.detach().clone() for n, p in params.items()}
+        grad = {n: p.grad.clone() for n, p in params.items()}
+        opt.step()
+        after = {n: p.detach().clone() for n, p in params.items()}
+        steps.append((theta, grad, after, opt.param_groups[0]["lr"], 1e-2))
+    got = tracker.snapshot()
+    want = reference_budget(CONV_GROUPS, steps)
+    for g in CONV_GROUPS:
+        scale = np.abs(got[g.key]["initial"]).max()
+        for f, value in got[g.key].items():
+            if f == "initial":
+                continue
+            ref = np.asarray(want[g.key][f])
+            top = scale if f in TERMS else np.abs(ref).max() + 1e-300
+            assert np.abs(value - ref).max() <= 1e-12 * top, (g.key, f)
+
+
 def test_group_dot_equals_group_sum():
     """`group_dot` / `group_total` against `Utils.groups.group_sum` of the elementwise terms."""
     gen = torch.Generator().manual_seed(0)
