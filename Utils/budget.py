@@ -96,6 +96,7 @@ class _Bank:
 
     Attributes:
         names: parameter names, in layout order.
+        params: the parameters, in layout order.
         offsets: name -> first flat index.
         width: flat size N (the parameters' numels).
         buffer: [3, K, N] in the parameters' dtype: theta_k, g_k and Delta_k of each pending
@@ -105,6 +106,7 @@ class _Bank:
 
     def __init__(self, names: Sequence[str], params: Mapping[str, torch.Tensor]) -> None:
         self.names = list(names)
+        self.params = [params[n] for n in self.names]
         self.offsets: dict[str, int] = {}
         width = 0
         for n in self.names:
@@ -538,12 +540,12 @@ class BudgetTracker:
                 "step() without a closure, or track no budget"
             )
         self._open = False
-        no_grad = {}
-        for g in self.groups:
-            missing = [n for n in g.params if self._by_name[n].grad is None]
-            if missing:
-                no_grad[g.key] = f"'{missing[0]}' had no gradient at step {self.step}"
-        if no_grad:
+        if any(p.grad is None for b in self._banks for p in b.params):
+            no_grad = {}
+            for g in self.groups:
+                missing = [n for n in g.params if self._by_name[n].grad is None]
+                if missing:
+                    no_grad[g.key] = f"'{missing[0]}' had no gradient at step {self.step}"
             self._drop(no_grad)
         if not self._plans:
             return
@@ -551,9 +553,8 @@ class BudgetTracker:
         with torch.no_grad():
             for b in self._banks:
                 theta, grad, _ = b.slots[k]
-                params = [self._by_name[n] for n in b.names]
-                torch._foreach_copy_(theta, params)
-                torch._foreach_copy_(grad, [p.grad for p in params])
+                torch._foreach_copy_(theta, b.params)
+                torch._foreach_copy_(grad, [p.grad for p in b.params])
         del self._hypers[k:]  # a step that raised after this hook left its entry
         self._hypers.append(tuple(self._hyper(i) for i in self._pgs))
         self._open = True
@@ -566,7 +567,7 @@ class BudgetTracker:
         k = self._count
         with torch.no_grad():
             for b in self._banks:
-                params = [self._by_name[n] for n in b.names]
+                params = b.params
                 theta, _, delta = b.slots[k]
                 if b.width >= SUB_WIDTH:  # one pass per parameter
                     for p, t, d in zip(params, theta, delta):

@@ -536,6 +536,37 @@ def test_budget_matches_a_direct_computation(monkeypatch, chunk, pending):
             assert np.abs(value - ref).max() <= 1e-12 * top, (g.key, f)
 
 
+def test_a_group_without_gradient_is_dropped_and_the_others_go_on():
+    """From step 5 ``net.5.bias`` has no gradient: its translation group is dropped with a
+    warning; the buffered steps of the others are kept and their budget stays exact."""
+    torch.manual_seed(0)
+    model = SymNet().double()
+    named = list(model.named_parameters())
+    params = dict(named)
+    opt = make_optimizer("adamw", named)
+    tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=4)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 32, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (9, 32), generator=gen)
+    for k in range(9):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        if k >= 5:
+            params["net.5.bias"].grad = None
+        if k == 5:
+            with pytest.warns(UserWarning, match="no more budget"):
+                opt.step()
+        else:
+            opt.step()
+    state = tracker.snapshot()
+    assert set(state) == {"scale/net.0", "rescale/net.3->net.5"}
+    assert "net.5.bias" in tracker.skipped["translation/net.5"]
+    for g in SYM_GROUPS[:2]:
+        carried = state[g.key]["initial"] + sum(state[g.key][t] for t in TERMS)
+        measured = theory.measure(g, params).numpy()
+        assert np.abs(carried - measured).max() <= 1e-12 * np.abs(measured).max(), g.key
+
+
 def test_group_dot_equals_group_sum():
     """`group_dot` / `group_total` against `Utils.groups.group_sum` of the elementwise terms."""
     gen = torch.Generator().manual_seed(0)
