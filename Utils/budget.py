@@ -43,6 +43,19 @@ with fields ``initial`` (the quantity when tracking started), the cumulative sum
 A step called with a closure cannot be observed (the gradient at theta_k is computed inside
 the step, and optimizers such as L-BFGS move theta several times): the tracker raises a
 `UsageError` saying so instead of writing a wrong budget.
+
+Cost: per step the hooks only copy theta_k and g_k (before) and Delta_k (after) of the
+tracked parameters into buffers (a few calls for all of them). Every `BudgetTracker.pending`
+steps (as many as fit in `RING_BYTES`, so 1 for models of millions of parameters), and
+whenever the state is read (`state`, `state_dict`, `snapshot`, `remove`, a group dropped),
+the buffered steps are reduced at once: per family of same-shaped parameters and chunk of
+`CHUNK` elements, the products theta theta, Delta Delta, theta g, theta Delta (and g g for
+scale groups) are formed once and every member sums its slices from them (norms, read once,
+for long rows), then the terms of all buffered steps are added in step order (a cumulative
+sum: the result does not depend on when the flushes happen, bitwise, so resumed runs match
+uninterrupted ones). theta_k is copied at every step rather than taken from the previous
+step's theta_{k+1}, so a parameter changed between two steps (even through ``.data``) enters
+no term.
 """
 
 from __future__ import annotations
