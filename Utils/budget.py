@@ -189,10 +189,11 @@ class _Source:
         self.members = list(members)
         self.scale = any(scale for _, scale in self.members)
         rest = math.prod(self.shape[1:])
-        if self.count > 1:  # whole parameters per chunk
+        if self.numel <= CHUNK:  # whole parameters per chunk
             self.per, self.lead = max(1, min(self.count, CHUNK // self.numel)), self.shape[0]
         else:  # rows of one parameter per chunk
             self.per, self.lead = 1, max(1, min(self.shape[0], CHUNK // max(rest, 1)))
+        self.row_chunks = -(-self.shape[0] // self.lead)  # chunks per parameter
         bank.chunk = max(bank.chunk, self.per * self.lead * rest)
 
     def _chunks(self, pending: int):
@@ -203,10 +204,8 @@ class _Source:
             params = min(self.per, self.count - f)
             for r in range(0, self.shape[0], self.lead):
                 lead = min(self.lead, self.shape[0] - r)
-                if self.count > 1:
-                    chunk = rows[:, :, f * self.numel : (f + params) * self.numel]
-                else:
-                    chunk = rows[:, :, r * rest : (r + lead) * rest]
+                first = f * self.numel + r * rest
+                chunk = rows[:, :, first : first + params * lead * rest]  # [3, pending, size]
                 shape = (lead, *self.shape[1:])
                 views = []
                 for dim, _ in self.members:
@@ -218,18 +217,19 @@ class _Source:
                 yield chunk, views
 
     def _collect(self, pieces: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        """Per member: the chunks' slices side by side, or their partial sums added."""
+        """Per member: the chunks' slices side by side, or the partial sums of the row chunks
+        of each parameter added."""
         parts = []
         for (dim, _), own in zip(self.members, pieces):
-            if len(own) == 1:
-                parts.append(own[0])
-            elif dim == 0 or self.count > 1:
-                parts.append(torch.cat(own, dim=-1))
-            else:
-                total = own[0].clone()
-                for piece in own[1:]:
-                    total.add_(piece)
-                parts.append(total)
+            if dim != 0 and self.row_chunks > 1:
+                totals = []
+                for i in range(0, len(own), self.row_chunks):
+                    total = own[i].clone()
+                    for piece in own[i + 1 : i + self.row_chunks]:
+                        total.add_(piece)
+                    totals.append(total)
+                own = totals
+            parts.append(torch.cat(own, dim=-1) if len(own) > 1 else own[0])
         return parts
 
     def linear(self, pending: int) -> list[torch.Tensor]:
@@ -246,7 +246,9 @@ class _Source:
         rest = math.prod(self.shape[1:])
         if rest >= 64 and all(dim == 0 for dim, _ in self.members):
             return self._rows(pending, rest)
-        planes = 5 if self.scale else 4
+        # g g as a plane only for a scale member whose group axis is not the first; rows of
+        # scale members take |g|^2 as norms (read once)
+        planes = 5 if any(scale and dim != 0 for dim, scale in self.members) else 4
         pieces: list[list[torch.Tensor]] = [[] for _ in self.members]
         for rows, views in self._chunks(pending):
             size = rows.shape[-1]
@@ -254,10 +256,17 @@ class _Source:
             prod = self.bank.scratch[: planes * pending * size].view(planes, pending, size)
             torch.mul(rows[0::2], rows[0::2], out=prod[0:2])
             torch.mul(rows[0:1], rows[1:], out=prod[2:4])
-            if self.scale:
+            if planes == 5:
                 torch.mul(rows[1], rows[1], out=prod[4])
-            for own, view in zip(pieces, views):
-                own.append(_slice_sums(prod.view(planes, pending, *view)))
+            for own, view, (dim, scale) in zip(pieces, views, self.members):
+                if not scale:
+                    own.append(_slice_sums(prod[:4].view(4, pending, *view)))
+                elif planes == 5:
+                    own.append(_slice_sums(prod.view(5, pending, *view)))
+                else:  # rows: |g|^2 from norms [1, pending, slices]
+                    grad = torch.linalg.vector_norm(rows[1].view(1, pending, *view), dim=(3, 5))
+                    sums = _slice_sums(prod[:4].view(4, pending, *view))  # [4, pending, slices]
+                    own.append(torch.cat([sums, grad.flatten(2).square_()]))
         return self._collect(pieces)
 
     def _rows(self, pending: int, rest: int) -> list[torch.Tensor]:

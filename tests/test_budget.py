@@ -399,7 +399,7 @@ def test_a_step_that_raises_is_not_counted():
 
 class ConvMLP(nn.Module):
     """Conv2d(2, 4, 3) -> ReLU -> Conv2d(4, 4, 3, pad 1) -> ReLU -> flatten [B, 36] ->
-    Linear(36, 16) -> ReLU -> Linear(16, 16) -> ReLU -> Linear(16, 16) -> ReLU -> Linear(16, 3):
+    Linear(36, 16) -> ReLU -> 3 x (Linear(16, 16) -> ReLU) -> Linear(16, 3):
     same-shaped layers (one source for several parameters), a conv weight split by rows and
     by columns, a flatten block."""
 
@@ -412,6 +412,8 @@ class ConvMLP(nn.Module):
             nn.ReLU(),
             nn.Flatten(),
             nn.Linear(36, 16),
+            nn.ReLU(),
+            nn.Linear(16, 16),
             nn.ReLU(),
             nn.Linear(16, 16),
             nn.ReLU(),
@@ -444,12 +446,13 @@ CONV_GROUPS = [
     _pair("net.2", "net.5", 4, block=9),
     _pair("net.5", "net.7", 16),
     _pair("net.7", "net.9", 16),
-    SymmetryGroup("scale", "net.9", 16, (Member("net.9.weight", 0), Member("net.9.bias", 0))),
+    _pair("net.9", "net.11", 16),
+    SymmetryGroup("scale", "net.11", 16, (Member("net.11.weight", 0), Member("net.11.bias", 0))),
     SymmetryGroup(
         "translation",
-        "net.11",
+        "net.13",
         17,
-        (Member("net.11.weight", 1), Member("net.11.bias", None, offset=16)),
+        (Member("net.13.weight", 1), Member("net.13.bias", None, offset=16)),
     ),
 ]
 
@@ -498,8 +501,8 @@ def reference_budget(groups, steps):
 def test_budget_matches_a_direct_computation(monkeypatch, chunk, pending):
     """Every field of every group after 7 Adam steps (lr changed each step) equals the sums of
     the per-step terms computed directly in float64 from theta_k, g_k, theta_{k+1}: with
-    products formed whole or in chunks of 40 elements (rows of one parameter, or one of
-    several same-shaped parameters at a time), reduced every step or every 3."""
+    products formed whole or in chunks of 40 elements (whole small parameters of a family,
+    rows of each large one), reduced every step or every 3."""
     import Utils.budget as budget
 
     if chunk is not None:
