@@ -258,7 +258,7 @@ class _Source:
             torch.mul(rows[0:1], rows[1:], out=prod[2:4])
             if planes == 5:
                 torch.mul(rows[1], rows[1], out=prod[4])
-            for own, view, (dim, scale) in zip(pieces, views, self.members):
+            for own, view, (_, scale) in zip(pieces, views, self.members):
                 if not scale:
                     own.append(_slice_sums(prod[:4].view(4, pending, *view)))
                 elif planes == 5:
