@@ -602,14 +602,15 @@ class BudgetTracker:
         if self._count == self.pending:
             self._flush()
 
-    def _rates(self, cls: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """eta_k and eta_k lam of the buffered steps: float64 [pending, 1], or [pending, total]
-        when the plan's groups sit in several param groups."""
+    def _rates(self, cls: str, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """eta_k and eta_k lam of the first `pending` buffered steps: float64 [pending, 1], or
+        [pending, total] when the plan's groups sit in several param groups."""
         device = self._plans[cls].device
+        hypers = self._hypers[:pending]
         rates = torch.tensor(
             [
-                [[lr for lr, _ in h] for h in self._hypers],
-                [[lr * wd for lr, wd in h] for h in self._hypers],
+                [[lr for lr, _ in h] for h in hypers],
+                [[lr * wd for lr, wd in h] for h in hypers],
             ],
             dtype=torch.float64,
             device=device,
@@ -628,7 +629,7 @@ class BudgetTracker:
             return
         with torch.no_grad():
             for cls, plan in self._plans.items():
-                lr, lwd = self._rates(cls)
+                lr, lwd = self._rates(cls, pending)
                 if cls == "translation":
                     base, tg, td = plan.linear(pending)  # [pending, total] each
                     terms = step_terms(1.0, lr, lwd, base, tg, td, None)
@@ -643,7 +644,10 @@ class BudgetTracker:
                 # sequential sums (cumsum), as if each step were added on its own
                 sums = torch.cat([acc[:, None], torch.stack(steps)], dim=1).cumsum_(1)
                 acc.copy_(sums[:, -1])
-        self._hypers = []
+            if self._open:  # read between a step's hooks: its theta_k, g_k move to slot 0
+                for b in self._banks:
+                    b.buffer[:2, 0].copy_(b.buffer[:2, pending])
+        del self._hypers[:pending]
 
     def _drop(self, reasons: Mapping[str, str]) -> None:
         state = self.state

@@ -570,6 +570,37 @@ def test_a_group_without_gradient_is_dropped_and_the_others_go_on():
         assert np.abs(carried - measured).max() <= 1e-12 * np.abs(measured).max(), g.key
 
 
+def test_reading_the_state_inside_a_step_changes_nothing():
+    """A step pre-hook after the tracker's reads the budget (a flush while the step is open
+    between the tracker's hooks): the budget stays bitwise that of a run that never reads."""
+    results = []
+    for read in (False, True):
+        torch.manual_seed(0)
+        model = SymNet().double()
+        named = list(model.named_parameters())
+        opt = make_optimizer("adamw", named)
+        tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=4)
+        if read:
+
+            def reader(*_, tracker=tracker) -> None:
+                tracker.state_dict()
+
+            opt.register_step_pre_hook(reader)
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(7, 32, 8, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (7, 32), generator=gen)
+        for k in range(7):
+            opt.param_groups[0]["lr"] = 0.02 / (k + 1)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+            opt.step()
+        assert tracker.step == 7
+        results.append(tracker.snapshot())
+    for key in results[0]:
+        for f in results[0][key]:
+            assert np.array_equal(results[0][key][f], results[1][key][f]), (key, f)
+
+
 def test_group_dot_equals_group_sum():
     """`group_dot` / `group_total` against `Utils.groups.group_sum` of the elementwise terms."""
     gen = torch.Generator().manual_seed(0)
