@@ -115,6 +115,9 @@ class _Bank:
         buffer: [3, K, N] in the parameters' dtype: theta_k, g_k and Delta_k of each pending
             step (allocated by `alloc`).
         scratch: [5 K chunk]: products of the flush (`_Source`).
+        rows: [3 chunk]: theta_k, g_k, Delta_k of a chunk read from the live tensors.
+        held: indices of the parameters whose g_k and Delta_k are buffered (all of them but
+            those read live: `_Source.live`).
     """
 
     def __init__(self, names: Sequence[str], params: Mapping[str, torch.Tensor]) -> None:
@@ -131,6 +134,8 @@ class _Bank:
         self.buffer = torch.empty(0, dtype=self.dtype, device=self.device)
         self.scratch = torch.empty(0, dtype=self.dtype, device=self.device)
         self.chunk = 0  # elements of the largest chunk per step (set by the sources)
+        self.held = list(range(len(self.names)))  # parameters whose g_k, Delta_k are buffered
+        self.rows = torch.empty(0, dtype=self.dtype, device=self.device)
         self.slots: list[tuple[list[torch.Tensor], ...]] = []
 
     def step_bytes(self) -> int:
@@ -142,6 +147,7 @@ class _Bank:
         """Allocates the buffers of `pending` steps and the per-slot parameter views."""
         self.buffer = torch.empty(3, pending, self.width, dtype=self.dtype, device=self.device)
         self.scratch = torch.empty(5 * pending * self.chunk, dtype=self.dtype, device=self.device)
+        self.rows = torch.empty(3 * self.chunk, dtype=self.dtype, device=self.device)
         self.slots = []
         for k in range(pending):
             rows = []
@@ -182,6 +188,8 @@ class _Source:
     ) -> None:
         self.bank = bank
         self.count = len(names)
+        self.params = [bank.params[bank.names.index(n)] for n in names]
+        self.live = False  # read g_k and Delta_k from the tensors (set by the tracker)
         self.shape = shape if shape else (1,)
         self.numel = math.prod(self.shape)
         self.start = bank.offsets[names[0]]
@@ -197,7 +205,8 @@ class _Source:
         bank.chunk = max(bank.chunk, self.per * self.lead * rest)
 
     def _chunks(self, pending: int):
-        """(rows [3, pending, size], member views (params, before, kept, after)) per chunk."""
+        """(theta_k, g_k, Delta_k: [3, pending, size], or a tuple of [1, size] when read live;
+        member views (params, before, kept, after)) per chunk."""
         rows = self.bank.buffer[:, :pending, self.start : self.stop]  # [3, pending, numel]
         rest = math.prod(self.shape[1:])
         for f in range(0, self.count, self.per):
@@ -205,7 +214,11 @@ class _Source:
             for r in range(0, self.shape[0], self.lead):
                 lead = min(self.lead, self.shape[0] - r)
                 first = f * self.numel + r * rest
-                chunk = rows[:, :, first : first + params * lead * rest]  # [3, pending, size]
+                size = params * lead * rest
+                if self.live:
+                    chunk = self._live(f, r * rest, size)
+                else:
+                    chunk = rows[:, :, first : first + size]  # [3, pending, size]
                 shape = (lead, *self.shape[1:])
                 views = []
                 for dim, _ in self.members:
@@ -215,6 +228,21 @@ class _Source:
                         before, after = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
                         views.append((params, before, shape[dim], after))
                 yield chunk, views
+
+    def _live(self, f: int, first: int, size: int) -> tuple[torch.Tensor, ...]:
+        """theta_k (buffered), g_k (the gradient) and Delta_k (the parameter minus theta_k,
+        into scratch) of elements first..first + size of parameter f, for the one buffered
+        step: [1, size] each."""
+        p = self.params[f]
+        start = self.start + f * self.numel + first
+        theta = self.bank.buffer[0, 0:1, start : start + size]
+        grad = p.grad.reshape(1, -1)[:, first : first + size]
+        delta = torch.sub(
+            p.detach().reshape(1, -1)[:, first : first + size],
+            theta,
+            out=self.bank.rows[:size].view(1, size),
+        )
+        return theta, grad, delta
 
     def _collect(self, pieces: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """Per member: the chunks' slices side by side, or the partial sums of the row chunks
@@ -250,36 +278,42 @@ class _Source:
         # scale members take |g|^2 as norms (read once)
         planes = 5 if any(scale and dim != 0 for dim, scale in self.members) else 4
         pieces: list[list[torch.Tensor]] = [[] for _ in self.members]
-        for rows, views in self._chunks(pending):
-            size = rows.shape[-1]
+        for (theta, grad, delta), views in self._chunks(pending):
+            size = theta.shape[-1]
             # theta theta, Delta Delta, theta g, theta Delta(, g g) [planes, pending, size]
             prod = self.bank.scratch[: planes * pending * size].view(planes, pending, size)
-            torch.mul(rows[0::2], rows[0::2], out=prod[0:2])
-            torch.mul(rows[0:1], rows[1:], out=prod[2:4])
+            torch.mul(theta, theta, out=prod[0])
+            torch.mul(delta, delta, out=prod[1])
+            torch.mul(theta, grad, out=prod[2])
+            torch.mul(theta, delta, out=prod[3])
             if planes == 5:
-                torch.mul(rows[1], rows[1], out=prod[4])
+                torch.mul(grad, grad, out=prod[4])
             for own, view, (_, scale) in zip(pieces, views, self.members):
                 if not scale:
                     own.append(_slice_sums(prod[:4].view(4, pending, *view)))
                 elif planes == 5:
                     own.append(_slice_sums(prod.view(5, pending, *view)))
                 else:  # rows: |g|^2 from norms [1, pending, slices]
-                    grad = torch.linalg.vector_norm(rows[1].view(1, pending, *view), dim=(3, 5))
+                    norm = torch.linalg.vector_norm(grad.view(1, pending, *view), dim=(3, 5))
                     sums = _slice_sums(prod[:4].view(4, pending, *view))  # [4, pending, slices]
-                    own.append(torch.cat([sums, grad.flatten(2).square_()]))
+                    own.append(torch.cat([sums, norm.flatten(2).square_()]))
         return self._collect(pieces)
 
     def _rows(self, pending: int, rest: int) -> list[torch.Tensor]:
         """`quadratic` of long rows (group axis first): squares as norms, read once."""
         pieces = []
-        for rows, _ in self._chunks(pending):
-            x = rows.view(3, pending, -1, rest)  # [3, pending, rows, rest]
-            norms = [torch.linalg.vector_norm(x[0::2], dim=-1)]  # [2, pending, rows]
-            prod = self.bank.scratch[: 2 * rows.shape[-1] * pending].view(2, *x.shape[1:])
-            cross = torch.mul(x[0:1], x[1:], out=prod).sum(dim=-1)  # [2, pending, rows]
+        for chunk, _ in self._chunks(pending):
+            theta, grad, delta = (x.view(pending, -1, rest) for x in chunk)  # [pending, rows, rest]
+            norms = [torch.linalg.vector_norm(x, dim=-1) for x in (theta, delta)]  # [pending, rows]
+            prod = self.bank.scratch[: 2 * theta.numel()].view(2, *theta.shape)
+            torch.mul(theta, grad, out=prod[0])
+            torch.mul(theta, delta, out=prod[1])
+            cross = prod.sum(dim=-1)  # [2, pending, rows]
             if self.scale:
-                norms.append(torch.linalg.vector_norm(x[1:2], dim=-1))  # [1, pending, rows]
-            piece = torch.cat([norms[0], cross, *norms[1:]])  # [planes, pending, rows]
+                norms.append(torch.linalg.vector_norm(grad, dim=-1))  # [pending, rows]
+            piece = torch.cat(
+                [norms[0][None], norms[1][None], cross, *(n[None] for n in norms[2:])]
+            )
             piece[0:2].square_()
             if self.scale:
                 piece[4].square_()
@@ -446,6 +480,7 @@ class BudgetTracker:
                 self.groups.append(g)
         self.step = 0
         self._requested = pending
+        self._live_allowed = True  # until an optimizer is seen changing p.grad in place
         self._open = False  # a step's theta_k and g_k are buffered, Delta_k not yet
         self._build({g.key: self._initial(g) for g in self.groups})
         self._pre = optimizer.register_step_pre_hook(self._before)
@@ -526,8 +561,28 @@ class BudgetTracker:
             self.pending = max(1, min(MAX_PENDING, RING_BYTES // per_step))
         for b in self._banks:
             b.alloc(self.pending, shapes)
+        self._set_live()
         self._count = 0  # steps buffered
         self._hypers: list[tuple[tuple[float, float], ...]] = []  # (lr, wd) per step, pg
+
+    def _set_live(self) -> None:
+        """With one buffered step, large parameters (chunked by rows) of the quadratic plan are
+        read live at the flush: their g_k and Delta_k are not buffered (two passes fewer)."""
+        live = self.pending == 1 and self._live_allowed
+        sources = [src for plan in self._plans.values() for src in plan.sources]
+        quadratic = self._plans.get("quadratic")
+        for src in sources:
+            src.live = (
+                live
+                and quadratic is not None
+                and src in quadratic.sources
+                and src.per == 1
+                and all(p.is_contiguous() for p in src.params)
+            )
+        buffered = {id(p) for src in sources if not src.live for p in src.params}
+        self._live_params = [p for src in sources if src.live for p in src.params]
+        for b in self._banks:
+            b.held = [i for i, p in enumerate(b.params) if id(p) in buffered]
 
     @property
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -576,7 +631,9 @@ class BudgetTracker:
             for b in self._banks:
                 theta, grad, _ = b.slots[k]
                 torch._foreach_copy_(theta, b.params)
-                torch._foreach_copy_(grad, [p.grad for p in b.params])
+                torch._foreach_copy_([grad[i] for i in b.held], [b.params[i].grad for i in b.held])
+        # gradients read live at the flush: (gradient, its version) to check they stay g_k
+        self._live_grads = [(p.grad, p.grad._version) for p in self._live_params]
         del self._hypers[k:]  # a step that raised after this hook left its entry
         self._hypers.append(tuple(self._hyper(i) for i in self._pgs))
         self._open = True
@@ -589,18 +646,32 @@ class BudgetTracker:
         k = self._count
         with torch.no_grad():
             for b in self._banks:
-                params = b.params
                 theta, _, delta = b.slots[k]
                 if b.width >= SUB_WIDTH:  # one pass per parameter
-                    for p, t, d in zip(params, theta, delta):
-                        torch.sub(p, t, out=d)  # Delta_k [*shape]
+                    for i in b.held:
+                        torch.sub(b.params[i], theta[i], out=delta[i])  # Delta_k [*shape]
                 else:  # few calls
-                    torch._foreach_copy_(delta, params)
+                    torch._foreach_copy_([delta[i] for i in b.held], [b.params[i] for i in b.held])
                     b.buffer[2, k].sub_(b.buffer[0, k])  # Delta_k [N]
+        changed = [
+            p
+            for p, (g, v) in zip(self._live_params, self._live_grads)
+            if p.grad is not g or g._version != v
+        ]
+        if changed:
+            warnings.warn(
+                f"budget: {type(optimizer).__name__}.step() changed p.grad in place, so the "
+                f"leak / kinetic split of step {self.step} used the changed gradient; gradients "
+                "are copied before each step from now on",
+                stacklevel=2,
+            )
         self._count += 1
         self.step += 1
         if self._count == self.pending:
             self._flush()
+        if changed:
+            self._live_allowed = False
+            self._build(self.state)
 
     def _rates(self, cls: str, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eta_k and eta_k lam of the first `pending` buffered steps: float64 [pending, 1], or

@@ -601,6 +601,56 @@ def test_reading_the_state_inside_a_step_changes_nothing():
             assert np.array_equal(results[0][key][f], results[1][key][f]), (key, f)
 
 
+class DoublingSGD(torch.optim.Optimizer):
+    """SGD with coupled weight decay that doubles p.grad in place inside step() (written out:
+    a subclass calling a hooked parent's step() would fire the step hooks twice)."""
+
+    def __init__(self, params, lr: float, weight_decay: float) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Doubles every gradient, then steps."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad.mul_(2.0)
+                p.add_(p.grad + group["weight_decay"] * p, alpha=-group["lr"])
+
+
+def test_an_optimizer_changing_the_gradient_in_place_is_caught():
+    """With one buffered step the gradients of large parameters are read at the flush, after
+    the step: an optimizer that changes p.grad in place is seen, said once, and from the next
+    step on the gradients are copied before the step; the identity holds throughout."""
+    torch.manual_seed(0)
+    model = SymNet().double()
+    named = list(model.named_parameters())
+    params = dict(named)
+    opt = DoublingSGD([p for _, p in named], lr=0.05, weight_decay=1e-2)
+    tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 32, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (4, 32), generator=gen)
+    key = "scale/net.0"
+    for k in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        theta = {n: p.detach().clone() for n, p in params.items()}
+        grad = {n: p.grad.clone() for n, p in params.items()}
+        before, cum = theory.measure(SYM_GROUPS[0], params).numpy(), tracker.snapshot()
+        if k == 0:
+            with pytest.warns(UserWarning, match="changed p.grad in place"):
+                opt.step()
+        else:
+            opt.step()
+        now = tracker.snapshot()
+        parts = {t: now[key][t] - cum[key][t] for t in TERMS}
+        change = theory.measure(SYM_GROUPS[0], params).numpy() - before
+        assert np.abs(sum(parts.values()) - change).max() <= 1e-12 * np.abs(before).max()
+        leak = -2 * 0.05 * group_dot(theta, grad, SYM_GROUPS[0]).numpy()
+        factor = 2.0 if k == 0 else 1.0  # step 0 saw the doubled gradient (said so)
+        np.testing.assert_allclose(parts["leak"], factor * leak, rtol=1e-10, atol=1e-14)
+
+
 def test_group_dot_equals_group_sum():
     """`group_dot` / `group_total` against `Utils.groups.group_sum` of the elementwise terms."""
     gen = torch.Generator().manual_seed(0)
