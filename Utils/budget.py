@@ -55,7 +55,10 @@ for long rows), then the terms of all buffered steps are added in step order (a 
 sum: the result does not depend on when the flushes happen, bitwise, so resumed runs match
 uninterrupted ones). theta_k is copied at every step rather than taken from the previous
 step's theta_{k+1}, so a parameter changed between two steps (even through ``.data``) enters
-no term.
+no term. With one buffered step (large models), the large parameters' g_k and Delta_k are
+read from the tensors at the flush, right after the step, instead of being buffered: an
+optimizer that changes ``p.grad`` in place is caught (its version counter), said once, and
+the gradients are copied before each step from then on.
 """
 
 from __future__ import annotations
