@@ -43,6 +43,22 @@ with fields ``initial`` (the quantity when tracking started), the cumulative sum
 A step called with a closure cannot be observed (the gradient at theta_k is computed inside
 the step, and optimizers such as L-BFGS move theta several times): the tracker raises a
 `UsageError` saying so instead of writing a wrong budget.
+
+Cost: per step the hooks only copy theta_k and g_k (before) and Delta_k (after) of the
+tracked parameters into buffers (a few calls for all of them). Every `BudgetTracker.pending`
+steps (as many as fit in `RING_BYTES`, so 1 for models of millions of parameters), and
+whenever the state is read (`state`, `state_dict`, `snapshot`, `remove`, a group dropped),
+the buffered steps are reduced at once: per family of same-shaped parameters and chunk of
+`CHUNK` elements, the products theta theta, Delta Delta, theta g, theta Delta (and g g for
+scale groups) are formed once and every member sums its slices from them (norms, read once,
+for long rows), then the terms of all buffered steps are added in step order (a cumulative
+sum: the result does not depend on when the flushes happen, bitwise, so resumed runs match
+uninterrupted ones). theta_k is copied at every step rather than taken from the previous
+step's theta_{k+1}, so a parameter changed between two steps (even through ``.data``) enters
+no term. With one buffered step (large models), the large parameters' g_k and Delta_k are
+read from the tensors at the flush, right after the step, instead of being buffered: an
+optimizer that changes ``p.grad`` in place is caught (its version counter), said once, and
+the gradients are copied before each step from then on.
 """
 
 from __future__ import annotations
@@ -61,6 +77,10 @@ from Utils.kinds import FAMILIES, spec
 BUDGET_VERSION = 1
 TERMS = ("decay", "leak", "kinetic", "discretisation")
 SCALE_FIELDS = ("angle_sum", "grad_sq_sum", "angle")
+RING_BYTES = 32 << 20  # memory of the buffered steps (default `BudgetTracker.pending`)
+CHUNK = 1 << 19  # elements per buffered step whose products are formed at once
+SUB_WIDTH = 1 << 20  # banks this wide form Delta_k per parameter (fewer passes, more calls)
+MAX_PENDING = 32  # steps buffered at most before their sums are reduced
 FIELD_PREFIX = "budget_"  # prefix of the fields in features.h5 (theory/<key>/budget_<field>)
 
 
@@ -87,81 +107,344 @@ def angle(q: torch.Tensor, theta_delta: torch.Tensor, delta_sq: torch.Tensor) ->
     return torch.atan2(cross, q + theta_delta)
 
 
-class _Plan:
-    """Signed per-group sums of all groups of one kind class at once ([total] float64).
+class _Bank:
+    """The tracked parameters of one device and dtype, side by side in pending-step buffers.
 
-    Each member is reduced to its per-slice sums on its [before, kept, after] view (a row-wise
-    ``vecdot`` when the group axis leads, no temporary; a column sum when it is last), all
-    slices are concatenated, cast to float64, signed and scattered into the groups' entries with
-    one ``index_add`` (few torch calls per step: on small layers the cost is per call).
+    Attributes:
+        names: parameter names, in layout order.
+        params: the parameters, in layout order.
+        offsets: name -> first flat index.
+        width: flat size N (the parameters' numels).
+        buffer: [3, K, N] in the parameters' dtype: theta_k, g_k and Delta_k of each pending
+            step (allocated by `alloc`).
+        scratch: [5 K chunk]: products of the flush (`_Source`).
+        rows: [3 chunk]: theta_k, g_k, Delta_k of a chunk read from the live tensors.
+        held: indices of the parameters whose g_k and Delta_k are buffered (all of them but
+            those read live: `_Source.live`).
+    """
+
+    def __init__(self, names: Sequence[str], params: Mapping[str, torch.Tensor]) -> None:
+        self.names = list(names)
+        self.params = [params[n] for n in self.names]
+        self.offsets: dict[str, int] = {}
+        width = 0
+        for n in self.names:
+            self.offsets[n] = width
+            width += params[n].numel()
+        self.width = width
+        first = params[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        self.buffer = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.scratch = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.chunk = 0  # elements of the largest chunk per step (set by the sources)
+        self.held = list(range(len(self.names)))  # parameters whose g_k, Delta_k are buffered
+        self.rows = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.slots: list[tuple[list[torch.Tensor], ...]] = []
+
+    def step_bytes(self) -> int:
+        """Bytes one pending step takes (three buffer rows and five of scratch)."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return (3 * self.width + 5 * self.chunk) * itemsize
+
+    def alloc(self, pending: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Allocates the buffers of `pending` steps and the per-slot parameter views."""
+        self.buffer = torch.empty(3, pending, self.width, dtype=self.dtype, device=self.device)
+        self.scratch = torch.empty(5 * pending * self.chunk, dtype=self.dtype, device=self.device)
+        self.rows = torch.empty(3 * self.chunk, dtype=self.dtype, device=self.device)
+        self.slots = []
+        for k in range(pending):
+            rows = []
+            for j in range(3):
+                flat = self.buffer[j, k]  # [N]
+                rows.append(
+                    [
+                        flat[self.offsets[n] : self.offsets[n] + math.prod(shapes[n])].view(
+                            shapes[n]
+                        )
+                        for n in self.names
+                    ]
+                )
+            self.slots.append(tuple(rows))
+
+
+class _Source:
+    """Same-shaped parameters side by side in a bank whose members split them alike.
+
+    The products are formed chunk by chunk (`CHUNK` elements per buffered step: whole
+    parameters of a family, or rows of a single large one), so that the scratch stays in
+    cache and few calls serve many small parameters; a member whose group axis is the first
+    (or a family's) takes its slices from each chunk, the others add up partial sums.
+
+    Args:
+        bank: their bank.
+        names: the parameters, consecutive in the bank.
+        shape: their shape.
+        members: (dim or None, in a scale group) of their members, alike for all of them.
+    """
+
+    def __init__(
+        self,
+        bank: _Bank,
+        names: Sequence[str],
+        shape: tuple[int, ...],
+        members: Sequence[tuple[int | None, bool]],
+    ) -> None:
+        self.bank = bank
+        self.count = len(names)
+        self.params = [bank.params[bank.names.index(n)] for n in names]
+        self.live = False  # read g_k and Delta_k from the tensors (set by the tracker)
+        self.shape = shape if shape else (1,)
+        self.numel = math.prod(self.shape)
+        self.start = bank.offsets[names[0]]
+        self.stop = self.start + self.count * self.numel
+        self.members = list(members)
+        self.scale = any(scale for _, scale in self.members)
+        rest = math.prod(self.shape[1:])
+        if self.numel <= CHUNK:  # whole parameters per chunk
+            self.per, self.lead = max(1, min(self.count, CHUNK // self.numel)), self.shape[0]
+        else:  # rows of one parameter per chunk
+            self.per, self.lead = 1, max(1, min(self.shape[0], CHUNK // max(rest, 1)))
+        self.row_chunks = -(-self.shape[0] // self.lead)  # chunks per parameter
+        bank.chunk = max(bank.chunk, self.per * self.lead * rest)
+
+    def _chunks(self, pending: int):
+        """(theta_k, g_k, Delta_k: [3, pending, size], or a tuple of [1, size] when read live;
+        member views (params, before, kept, after)) per chunk."""
+        rows = self.bank.buffer[:, :pending, self.start : self.stop]  # [3, pending, numel]
+        rest = math.prod(self.shape[1:])
+        for f in range(0, self.count, self.per):
+            params = min(self.per, self.count - f)
+            for r in range(0, self.shape[0], self.lead):
+                lead = min(self.lead, self.shape[0] - r)
+                first = f * self.numel + r * rest
+                size = params * lead * rest
+                if self.live:
+                    chunk = self._live(f, r * rest, size)
+                else:
+                    chunk = rows[:, :, first : first + size]  # [3, pending, size]
+                shape = (lead, *self.shape[1:])
+                views = []
+                for dim, _ in self.members:
+                    if dim is None:
+                        views.append((params, 1, 1, lead * rest))
+                    else:
+                        before, after = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+                        views.append((params, before, shape[dim], after))
+                yield chunk, views
+
+    def _live(self, f: int, first: int, size: int) -> tuple[torch.Tensor, ...]:
+        """theta_k (buffered), g_k (the gradient) and Delta_k (the parameter minus theta_k,
+        into scratch) of elements first..first + size of parameter f, for the one buffered
+        step: [1, size] each."""
+        p = self.params[f]
+        start = self.start + f * self.numel + first
+        theta = self.bank.buffer[0, 0:1, start : start + size]
+        grad = p.grad.reshape(1, -1)[:, first : first + size]
+        delta = torch.sub(
+            p.detach().reshape(1, -1)[:, first : first + size],
+            theta,
+            out=self.bank.rows[:size].view(1, size),
+        )
+        return theta, grad, delta
+
+    def _collect(self, pieces: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Per member: the chunks' slices side by side, or the partial sums of the row chunks
+        of each parameter added."""
+        parts = []
+        for (dim, _), own in zip(self.members, pieces):
+            if dim != 0 and self.row_chunks > 1:
+                totals = []
+                for i in range(0, len(own), self.row_chunks):
+                    total = own[i].clone()
+                    for piece in own[i + 1 : i + self.row_chunks]:
+                        total.add_(piece)
+                    totals.append(total)
+                own = totals
+            parts.append(torch.cat(own, dim=-1) if len(own) > 1 else own[0])
+        return parts
+
+    def linear(self, pending: int) -> list[torch.Tensor]:
+        """Per member, per-slice sums of theta_k, g_k, Delta_k: [3, pending, slices]."""
+        pieces: list[list[torch.Tensor]] = [[] for _ in self.members]
+        for rows, views in self._chunks(pending):
+            for own, view in zip(pieces, views):
+                own.append(_slice_sums(rows.view(3, pending, *view)))
+        return self._collect(pieces)
+
+    def quadratic(self, pending: int) -> list[torch.Tensor]:
+        """Per member, per-slice |theta_k|^2, |Delta_k|^2, <theta_k, g_k>, <theta_k, Delta_k>
+        (and |g_k|^2 when some member is in a scale group): [4 or 5, pending, slices]."""
+        rest = math.prod(self.shape[1:])
+        if rest >= 64 and all(dim == 0 for dim, _ in self.members):
+            return self._rows(pending, rest)
+        # g g as a plane only for a scale member whose group axis is not the first; rows of
+        # scale members take |g|^2 as norms (read once)
+        planes = 5 if any(scale and dim != 0 for dim, scale in self.members) else 4
+        pieces: list[list[torch.Tensor]] = [[] for _ in self.members]
+        for (theta, grad, delta), views in self._chunks(pending):
+            size = theta.shape[-1]
+            # theta theta, Delta Delta, theta g, theta Delta(, g g) [planes, pending, size]
+            prod = self.bank.scratch[: planes * pending * size].view(planes, pending, size)
+            torch.mul(theta, theta, out=prod[0])
+            torch.mul(delta, delta, out=prod[1])
+            torch.mul(theta, grad, out=prod[2])
+            torch.mul(theta, delta, out=prod[3])
+            if planes == 5:
+                torch.mul(grad, grad, out=prod[4])
+            for own, view, (_, scale) in zip(pieces, views, self.members):
+                if not scale:
+                    own.append(_slice_sums(prod[:4].view(4, pending, *view)))
+                elif planes == 5:
+                    own.append(_slice_sums(prod.view(5, pending, *view)))
+                else:  # rows: |g|^2 from norms [1, pending, slices]
+                    norm = torch.linalg.vector_norm(grad.view(1, pending, *view), dim=(3, 5))
+                    sums = _slice_sums(prod[:4].view(4, pending, *view))  # [4, pending, slices]
+                    own.append(torch.cat([sums, norm.flatten(2).square_()]))
+        return self._collect(pieces)
+
+    def _rows(self, pending: int, rest: int) -> list[torch.Tensor]:
+        """`quadratic` of long rows (group axis first): squares as norms, read once."""
+        pieces = []
+        for chunk, _ in self._chunks(pending):
+            theta, grad, delta = (x.view(pending, -1, rest) for x in chunk)  # [pending, rows, rest]
+            norms = [torch.linalg.vector_norm(x, dim=-1) for x in (theta, delta)]  # [pending, rows]
+            prod = self.bank.scratch[: 2 * theta.numel()].view(2, *theta.shape)
+            torch.mul(theta, grad, out=prod[0])
+            torch.mul(theta, delta, out=prod[1])
+            cross = prod.sum(dim=-1)  # [2, pending, rows]
+            if self.scale:
+                norms.append(torch.linalg.vector_norm(grad, dim=-1))  # [pending, rows]
+            piece = torch.cat(
+                [norms[0][None], norms[1][None], cross, *(n[None] for n in norms[2:])]
+            )
+            piece[0:2].square_()
+            if self.scale:
+                piece[4].square_()
+            pieces.append(piece)
+        part = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+        return [part] * len(self.members)
+
+
+class _Plan:
+    """The groups of one kind class, reduced together to signed per-group sums.
+
+    Each source (`_Source`) is reduced to the per-slice sums of its members over all buffered
+    steps at once, the slices of all members are concatenated, cast to float64, signed and
+    scattered into the groups' entries with one ``index_add`` (|g_k|^2 with another, over the
+    members of scale groups).
 
     Args:
         groups: the groups, in entry order.
+        banks: the banks; parameter names in layout order.
         shapes: parameter name -> shape.
-        device: where the index lives.
+        device: where the state lives.
     """
 
-    def __init__(self, groups: Sequence[SymmetryGroup], shapes, device) -> None:
+    def __init__(
+        self,
+        groups: Sequence[SymmetryGroup],
+        banks: Sequence[_Bank],
+        shapes: Mapping[str, tuple[int, ...]],
+        device: torch.device,
+    ) -> None:
         self.groups = list(groups)
         self.sizes = [g.size for g in self.groups]
         self.total = sum(self.sizes)
-        self.members: list[Member] = []
-        self.is_scale: list[bool] = []
-        self.zeros: list[torch.Tensor] = []
-        index: list[int] = []
-        sign: list[float] = []
+        # parameter -> (dim, in a scale group, entries of its slices, sign) per member
+        members: dict[str, list[tuple[int | None, bool, list[int], float]]] = {}
         start = 0
         for g in self.groups:
             for m in g.members:
                 shape = shapes[m.param]
-                slices = 1 if m.dim is None else shape[m.dim % len(shape)]
-                self.members.append(m)
-                self.is_scale.append(g.kind == "scale")
-                self.zeros.append(torch.zeros(slices, device=device))
-                index += [start + m.offset + j // m.block for j in range(slices)]
-                sign += [float(m.sign)] * slices
+                dim = None if m.dim is None else m.dim % max(len(shape), 1)
+                slices = 1 if dim is None else shape[dim]
+                entries = [start + m.offset + j // m.block for j in range(slices)]
+                members.setdefault(m.param, []).append(
+                    (dim, g.kind == "scale", entries, float(m.sign))
+                )
             start += g.size
+        self.sources: list[_Source] = []
+        index: list[int] = []
+        sign: list[float] = []
+        grad_index: list[int] = []
+        grad_sign: list[float] = []
+        self.scale_parts: list[bool] = []
+        for bank in banks:
+            for run in _runs(bank, members, shapes):
+                signature = [(d, sc) for d, sc, _, _ in members[run[0]]]
+                self.sources.append(_Source(bank, run, shapes[run[0]], signature))
+                for j, (_, scale) in enumerate(signature):
+                    self.scale_parts.append(scale)
+                    for n in run:
+                        _, _, entries, sg = members[n][j]
+                        index += entries
+                        sign += [sg] * len(entries)
+                        if scale:
+                            grad_index += entries
+                            grad_sign += [sg] * len(entries)
+        self.device = device
         self.index = torch.tensor(index, dtype=torch.long, device=device)
         self.sign = torch.tensor(sign, dtype=torch.float64, device=device)
-        self.names = list(dict.fromkeys(m.param for m in self.members))
-
-    def _scatter(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.cat(parts).to(torch.float64).mul_(self.sign)  # [slices] (cat copies)
-        out = torch.zeros(self.total, dtype=torch.float64, device=flat.device)
-        return out.index_add_(0, self.index, flat)  # [total]
-
-    def views(self, a: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The [before, kept, after] view of every member of tensors shaped like the params."""
-        return [_member_view(a[m.param], m) for m in self.members]
-
-    def dot(
-        self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], scale_only: bool = False
-    ) -> torch.Tensor:
-        """Signed group sums of a * b from member views (`views`): float64 [total].
-
-        Args:
-            a, b: member views.
-            scale_only: compute only the members of scale groups (zeros elsewhere).
-        """
-        parts = []
-        for i, (x, y) in enumerate(zip(a, b)):
-            if scale_only and not self.is_scale[i]:
-                parts.append(self.zeros[i])
-            else:
-                parts.append(_slice_dot(x, y))
-        return self._scatter(parts)
-
-    def sum(self, a: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Signed group sums of a from member views (`views`): float64 [total]."""
-        return self._scatter([_slice_sum(x) for x in a])
+        self.grad_index = torch.tensor(grad_index, dtype=torch.long, device=device)
+        self.grad_sign = torch.tensor(grad_sign, dtype=torch.float64, device=device)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-group views of a [total] vector."""
         return list(torch.split(flat, self.sizes))
 
+    def _scatter(
+        self, parts: list[torch.Tensor], index: torch.Tensor, sign: torch.Tensor
+    ) -> torch.Tensor:
+        """[rows, pending, slices] pieces -> signed float64 group sums [rows, pending, total]."""
+        flat = torch.cat(parts, dim=-1).to(torch.float64)  # [rows, pending, slices]
+        out = flat.new_zeros(*flat.shape[:-1], self.total)
+        return out.index_add_(-1, index, flat.mul_(sign))
+
+    def linear(self, pending: int) -> torch.Tensor:
+        """S_k, <1, g_k>, <1, Delta_k> of the pending steps: float64 [3, pending, total]."""
+        parts = [part for src in self.sources for part in src.linear(pending)]
+        return self._scatter(parts, self.index, self.sign)
+
+    def quadratic(self, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q_k, |Delta_k|^2, <theta_k, g_k>, <theta_k, Delta_k> of the pending steps: float64
+        [4, pending, total]; and |g_k|^2 [pending, total] (scale groups; 0 elsewhere)."""
+        parts = [part for src in self.sources for part in src.quadratic(pending)]
+        main = self._scatter([part[:4] for part in parts], self.index, self.sign)
+        scale = [part[4:] for part, sc in zip(parts, self.scale_parts) if sc]
+        if not scale:
+            return main, main.new_zeros(main.shape[1:])
+        return main, self._scatter(scale, self.grad_index, self.grad_sign)[0]
+
+
+def _runs(bank: _Bank, members: Mapping[str, list], shapes: Mapping[str, tuple[int, ...]]):
+    """The bank's parameters in `members`, in runs of consecutive, same-shaped ones whose
+    members split them alike (one `_Source` each)."""
+    run: list[str] = []
+    key = None
+    for n in bank.names:
+        if n not in members:
+            if run:
+                yield run
+            run, key = [], None
+            continue
+        this = (shapes[n], tuple((d, sc) for d, sc, _, _ in members[n]))
+        if run and this == key:
+            run.append(n)
+        else:
+            if run:
+                yield run
+            run, key = [n], this
+    if run:
+        yield run
+
 
 class BudgetTracker:
     """Carries the symmetry-breaking budget of every valid group through an optimizer's steps.
+
+    Per step the hooks only copy theta_k and g_k (before) and Delta_k (after) into buffers;
+    every `pending` steps, and whenever the state is read, one flush reduces the buffered
+    steps to their group sums and adds their terms in step order (the schedule depends on the
+    step count and the reads only, so a resumed run reproduces an uninterrupted one bitwise).
 
     Args:
         optimizer: any torch optimizer whose ``step()`` is called without a closure.
@@ -169,11 +452,14 @@ class BudgetTracker:
         groups: symmetry groups; invalid ones and those with a parameter the optimizer does
             not hold or in param groups with different lr/weight_decay are not tracked
             (`skipped` says why).
+        pending: steps buffered before a flush; default: as many as fit in `RING_BYTES`
+            (at most `MAX_PENDING`, at least 1).
 
     Attributes:
         groups: the tracked groups.
         skipped: key -> reason for the groups not tracked.
         step: steps observed.
+        pending: steps buffered before a flush.
     """
 
     def __init__(
@@ -181,6 +467,7 @@ class BudgetTracker:
         optimizer: torch.optim.Optimizer,
         named_params: Iterable[tuple[str, torch.Tensor]],
         groups: Sequence[SymmetryGroup],
+        pending: int | None = None,
     ) -> None:
         self.optimizer = optimizer
         self._by_name = dict(named_params)
@@ -195,10 +482,9 @@ class BudgetTracker:
             else:
                 self.groups.append(g)
         self.step = 0
-        self._saved: dict | None = None
-        self._theta: dict[str, torch.Tensor] = {}
-        self._delta: dict[str, torch.Tensor] = {}
-        self._view_cache: dict[tuple, tuple] = {}
+        self._requested = pending
+        self._live_allowed = True  # until an optimizer is seen changing p.grad in place
+        self._open = False  # a step's theta_k and g_k are buffered, Delta_k not yet
         self._build({g.key: self._initial(g) for g in self.groups})
         self._pre = optimizer.register_step_pre_hook(self._before)
         self._post = optimizer.register_step_post_hook(self._after)
@@ -230,71 +516,102 @@ class BudgetTracker:
         return state
 
     def _build(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Packs the per-group state into one flat vector per field and kind class."""
+        """Lays out the buffers and packs the per-group state into one tensor per kind class.
+
+        Pending steps are discarded: flush before.
+        """
         shapes = {n: tuple(p.shape) for n, p in self._by_name.items()}
+        names = list(dict.fromkeys(n for g in self.groups for n in g.params))
+        first: dict[tuple[int, ...], int] = {}
+        for n in names:
+            first.setdefault(shapes[n], len(first))
+        names.sort(key=lambda n: first[shapes[n]])  # same-shaped parameters side by side
+        by_kind: dict[tuple, list[str]] = {}
+        for n in names:
+            p = self._by_name[n]
+            by_kind.setdefault((p.device, p.dtype), []).append(n)
+        self._banks = [_Bank(ns, self._by_name) for ns in by_kind.values()]
         self._plans: dict[str, _Plan] = {}
-        self._view_cache = {}
-        self._flat: dict[str, dict[str, torch.Tensor]] = {}
+        self._acc: dict[str, torch.Tensor] = {}
+        self._start: dict[str, torch.Tensor] = {}
+        self._angle: dict[str, torch.Tensor] = {}
+        self._pgs = sorted({self._pg_of[n] for n in names})
+        self._pg_cols: dict[str, torch.Tensor | int] = {}
         for cls in FAMILIES:
             gs = [g for g in self.groups if family(g.kind) == cls]
             if not gs:
                 continue
             device = self._by_name[gs[0].params[0]].device
-            self._plans[cls] = _Plan(gs, shapes, device)
-            names = ("initial", *TERMS, *(SCALE_FIELDS if cls == "quadratic" else ()))
-            flat = {}
-            for f in names:
-                parts = [
-                    state[g.key][f] if f in state[g.key] else torch.zeros(g.size).to(device)
-                    for g in gs
-                ]
-                flat[f] = torch.cat([t.to(device=device, dtype=torch.float64) for t in parts])
-            self._flat[cls] = flat
+            plan = self._plans[cls] = _Plan(gs, self._banks, shapes, device)
+            rows = []
+            for f in ("initial", *_accumulated(cls), *(("angle",) if cls == "quadratic" else ())):
+                parts = [state[g.key][f] if f in state[g.key] else torch.zeros(g.size) for g in gs]
+                rows.append(torch.cat([t.to(device=device, dtype=torch.float64) for t in parts]))
+            self._start[cls] = rows[0]
+            self._acc[cls] = torch.stack(rows[1 : 1 + len(_accumulated(cls))])  # [fields, total]
+            if cls == "quadratic":
+                self._angle[cls] = rows[-1]
+            cols = [self._pgs.index(self._pg_of[g.params[0]]) for g in gs]
+            if len(set(cols)) == 1:
+                self._pg_cols[cls] = cols[0]
+            else:
+                per_entry = [c for c, size in zip(cols, plan.sizes) for _ in range(size)]
+                self._pg_cols[cls] = torch.tensor(per_entry, dtype=torch.long, device=device)
+        if self._requested is not None:
+            self.pending = max(1, int(self._requested))
+        else:
+            per_step = sum(b.step_bytes() for b in self._banks) or 1
+            self.pending = max(1, min(MAX_PENDING, RING_BYTES // per_step))
+        for b in self._banks:
+            b.alloc(self.pending, shapes)
+        self._set_live()
+        self._count = 0  # steps buffered
+        self._hypers: list[tuple[tuple[float, float], ...]] = []  # (lr, wd) per step, pg
+
+    def _set_live(self) -> None:
+        """With one buffered step, large parameters (chunked by rows) of the quadratic plan are
+        read live at the flush: their g_k and Delta_k are not buffered (two passes fewer)."""
+        live = self.pending == 1 and self._live_allowed
+        sources = [src for plan in self._plans.values() for src in plan.sources]
+        quadratic = self._plans.get("quadratic")
+        for src in sources:
+            src.live = (
+                live
+                and quadratic is not None
+                and src in quadratic.sources
+                and src.per == 1
+                and all(p.is_contiguous() for p in src.params)
+            )
+        buffered = {id(p) for src in sources if not src.live for p in src.params}
+        self._live_params = [p for src in sources if src.live for p in src.params]
+        for b in self._banks:
+            b.held = [i for i, p in enumerate(b.params) if id(p) in buffered]
 
     @property
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """key -> field -> float64 [size] views of the live state."""
+        """key -> field -> float64 [size] views of the live state (flushed first)."""
+        self._flush()
         out: dict[str, dict[str, torch.Tensor]] = {}
         for cls, plan in self._plans.items():
-            views = {f: plan.split(t) for f, t in self._flat[cls].items()}
+            fields = {"initial": self._start[cls]}
+            fields.update(zip(_accumulated(cls), self._acc[cls]))
+            if cls == "quadratic":
+                fields["angle"] = self._angle[cls]
+            views = {f: plan.split(t) for f, t in fields.items()}
             for i, g in enumerate(plan.groups):
                 out[g.key] = {f: views[f][i] for f in fields_of(g.kind)}
         return out
 
     def remove(self) -> None:
-        """Detaches the hooks (the state stays readable)."""
+        """Flushes and detaches the hooks (the state stays readable)."""
+        self._flush()
         self._pre.remove()
         self._post.remove()
 
     # ------------------------------------------------------------------ hooks
 
-    def _views(self, cls: str, which: str, tensors: Mapping[str, torch.Tensor]) -> list:
-        """Member views of a persistent buffer set (theta or delta), cached while it lives."""
-        plan = self._plans[cls]
-        key = (cls, which)
-        ids = tuple(id(tensors[m.param]) for m in plan.members)
-        cached = self._view_cache.get(key)
-        if cached is None or cached[0] != ids:
-            cached = self._view_cache[key] = (ids, plan.views(tensors))
-        return cached[1]
-
-    def _rates(self, plan: _Plan) -> tuple[float | torch.Tensor, float | torch.Tensor]:
-        """eta and eta * lam of a plan: floats when all its groups share them, else float64
-        per entry [total]."""
-        hypers = [self._hyper(self._pg_of[g.members[0].param]) for g in plan.groups]
-        if len(set(hypers)) == 1:
-            lr, wd = hypers[0]
-            return lr, lr * wd
-        lrs = [lr for (lr, _), n in zip(hypers, plan.sizes) for _ in range(n)]
-        lwds = [lr * wd for (lr, wd), n in zip(hypers, plan.sizes) for _ in range(n)]
-        device = plan.index.device
-        return (
-            torch.tensor(lrs, dtype=torch.float64, device=device),
-            torch.tensor(lwds, dtype=torch.float64, device=device),
-        )
-
     def _before(self, optimizer, args, kwargs) -> None:
-        """Keeps theta_k and the group sums that need g_k or theta_k only."""
+        """Buffers theta_k and g_k and the step's lr and weight decay."""
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: self
         if closure is not None:
             raise UsageError(
@@ -302,60 +619,109 @@ class BudgetTracker:
                 "update of the observed gradient cannot be seen; call loss.backward() before "
                 "step() without a closure, or track no budget"
             )
-        no_grad = {}
-        for g in self.groups:
-            missing = [n for n in g.params if self._by_name[n].grad is None]
-            if missing:
-                no_grad[g.key] = f"'{missing[0]}' had no gradient at step {self.step}"
-        if no_grad:
+        self._open = False
+        if any(p.grad is None for b in self._banks for p in b.params):
+            no_grad = {}
+            for g in self.groups:
+                missing = [n for n in g.params if self._by_name[n].grad is None]
+                if missing:
+                    no_grad[g.key] = f"'{missing[0]}' had no gradient at step {self.step}"
             self._drop(no_grad)
-        names = list(dict.fromkeys(n for plan in self._plans.values() for n in plan.names))
-        params = [self._by_name[n].detach() for n in names]
-        theta = dict(zip(names, _buffers(self._theta, names, params)))  # theta_k, persistent
-        torch._foreach_copy_(list(theta.values()), params)
-        grad = {n: self._by_name[n].grad.detach() for n in names}
-        sums, views = {}, {}
-        for cls, plan in self._plans.items():
-            lr, lwd = self._rates(plan)
-            vt, vg = self._views(cls, "theta", theta), plan.views(grad)
-            views[cls] = vt
-            if cls == "translation":
-                sums[cls] = (lr, lwd, plan.sum(vt), plan.sum(vg), None)
-            else:
-                base, tg = plan.dot(vt, vt), plan.dot(vt, vg)
-                sums[cls] = (lr, lwd, base, tg, plan.dot(vg, vg, scale_only=True))
-        self._saved = {"theta": theta, "sums": sums, "views": views}
+        if not self._plans:
+            return
+        k = self._count
+        with torch.no_grad():
+            for b in self._banks:
+                theta, grad, _ = b.slots[k]
+                torch._foreach_copy_(theta, b.params)
+                torch._foreach_copy_([grad[i] for i in b.held], [b.params[i].grad for i in b.held])
+        # gradients read live at the flush: (gradient, its version) to check they stay g_k
+        self._live_grads = [(p.grad, p.grad._version) for p in self._live_params]
+        del self._hypers[k:]  # a step that raised after this hook left its entry
+        self._hypers.append(tuple(self._hyper(i) for i in self._pgs))
+        self._open = True
 
     def _after(self, optimizer, args, kwargs) -> None:
-        """Adds this step's terms to the cumulative sums."""
-        saved, self._saved = self._saved, None
-        if saved is None:
+        """Buffers Delta_k = theta_{k+1} - theta_k; flushes when the buffers are full."""
+        if not self._open:
             return
-        theta = saved["theta"]
+        self._open = False
+        k = self._count
         with torch.no_grad():
-            names = list(theta)
-            params = [self._by_name[n].detach() for n in names]
-            # Delta_k = theta_{k+1} - theta_k [*shape], in persistent buffers
-            delta = dict(zip(names, _buffers(self._delta, names, params)))
-            torch._foreach_copy_(list(delta.values()), params)
-            torch._foreach_sub_(list(delta.values()), list(theta.values()))
-            for cls, plan in self._plans.items():
-                lr, lwd, base, tg, gsq = saved["sums"][cls]
-                flat = self._flat[cls]
-                vd = self._views(cls, "delta", delta)
-                if cls == "translation":
-                    terms = step_terms(1.0, lr, lwd, base, tg, plan.sum(vd), None)
-                else:
-                    vt = saved["views"][cls]
-                    td, dd = plan.dot(vt, vd), plan.dot(vd, vd)
-                    terms = step_terms(2.0, lr, lwd, base, tg, td, dd)
-                    a = angle(base, td, dd)
-                    flat["angle"].copy_(a)
-                    flat["angle_sum"].add_(a)
-                    flat["grad_sq_sum"].add_(gsq)
-                for name, value in terms.items():
-                    flat[name].add_(value)
+            for b in self._banks:
+                theta, _, delta = b.slots[k]
+                if b.width >= SUB_WIDTH:  # one pass per parameter
+                    for i in b.held:
+                        torch.sub(b.params[i], theta[i], out=delta[i])  # Delta_k [*shape]
+                else:  # few calls
+                    torch._foreach_copy_([delta[i] for i in b.held], [b.params[i] for i in b.held])
+                    b.buffer[2, k].sub_(b.buffer[0, k])  # Delta_k [N]
+        changed = [
+            p
+            for p, (g, v) in zip(self._live_params, self._live_grads)
+            if p.grad is not g or g._version != v
+        ]
+        if changed:
+            warnings.warn(
+                f"budget: {type(optimizer).__name__}.step() changed p.grad in place, so the "
+                f"leak / kinetic split of step {self.step} used the changed gradient; gradients "
+                "are copied before each step from now on",
+                stacklevel=2,
+            )
+        self._count += 1
         self.step += 1
+        if self._count == self.pending:
+            self._flush()
+        if changed:
+            self._live_allowed = False
+            self._build(self.state)
+
+    def _rates(self, cls: str, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """eta_k and eta_k lam of the first `pending` buffered steps: float64 [pending, 1], or
+        [pending, total] when the plan's groups sit in several param groups."""
+        device = self._plans[cls].device
+        hypers = self._hypers[:pending]
+        rates = torch.tensor(
+            [
+                [[lr for lr, _ in h] for h in hypers],
+                [[lr * wd for lr, wd in h] for h in hypers],
+            ],
+            dtype=torch.float64,
+            device=device,
+        )  # [2, pending, param groups]
+        cols = self._pg_cols[cls]
+        if isinstance(cols, int):
+            rates = rates[..., cols : cols + 1]  # [2, pending, 1]
+        else:
+            rates = rates.index_select(-1, cols)  # [2, pending, total]
+        return rates[0], rates[1]
+
+    def _flush(self) -> None:
+        """Adds the terms of the buffered steps to the cumulative sums, in step order."""
+        pending, self._count = self._count, 0
+        if not pending:
+            return
+        with torch.no_grad():
+            for cls, plan in self._plans.items():
+                lr, lwd = self._rates(cls, pending)
+                if cls == "translation":
+                    base, tg, td = plan.linear(pending)  # [pending, total] each
+                    terms = step_terms(1.0, lr, lwd, base, tg, td, None)
+                    steps = [terms[t] for t in TERMS]
+                else:
+                    (base, dd, tg, td), gsq = plan.quadratic(pending)  # [pending, total] each
+                    terms = step_terms(2.0, lr, lwd, base, tg, td, dd)
+                    a = angle(base, td, dd)  # [pending, total]
+                    self._angle[cls].copy_(a[-1])
+                    steps = [terms[t] for t in TERMS] + [a, gsq]
+                acc = self._acc[cls]  # [fields, total]
+                # sequential sums (cumsum), as if each step were added on its own
+                sums = torch.cat([acc[:, None], torch.stack(steps)], dim=1).cumsum_(1)
+                acc.copy_(sums[:, -1])
+            if self._open:  # read between a step's hooks: its theta_k, g_k move to slot 0
+                for b in self._banks:
+                    b.buffer[:2, 0].copy_(b.buffer[:2, pending])
+        del self._hypers[:pending]
 
     def _drop(self, reasons: Mapping[str, str]) -> None:
         state = self.state
@@ -377,7 +743,7 @@ class BudgetTracker:
         }
 
     def load_state_dict(self, saved: Mapping) -> None:
-        """Restores a `state_dict` exactly (bitwise resumption).
+        """Restores a `state_dict` exactly (bitwise resumption); buffered steps are dropped.
 
         Raises:
             CorruptFileError: when it is not a budget state or does not fit this model.
@@ -397,6 +763,7 @@ class BudgetTracker:
                     "; resume with the model and optimizer that wrote it"
                 )
         self.groups = groups
+        self._open = False
         self._build(saved["state"])
         self.step = int(saved["step"])
 
@@ -442,62 +809,53 @@ def _squares(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t * t for n, t in values.items()}
 
 
-def _buffers(
-    store: dict[str, torch.Tensor], names: Sequence[str], like: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Persistent tensors shaped like `like` (made once, reused every step: no allocation)."""
-    out = []
-    for n, p in zip(names, like):
-        buf = store.get(n)
-        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = store[n] = torch.empty_like(p)
-        out.append(buf)
-    return out
+def _accumulated(cls: str) -> tuple[str, ...]:
+    """The fields of a kind class carried as cumulative sums, in the order of its state rows."""
+    return (*TERMS, *(("angle_sum", "grad_sq_sum") if cls == "quadratic" else ()))
 
 
-def _slice_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-slice <x, y> of [before, kept, after] views: [kept], the fastest CPU/GPU path."""
-    if x.shape[0] == 1:
-        return torch.linalg.vecdot(x[0], y[0])  # rows: no temporary
-    if x.shape[2] == 1:
-        return (x[..., 0] * y[..., 0]).sum(dim=0)  # columns
-    return (x * y).sum(dim=(0, 2))
+def _slice_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-slice sums of [rows, pending, params, before, kept, after]: [rows, pending,
+    params kept] (parameter-major).
+
+    The leading axis is summed first (a contiguous, vectorised reduction), then the trailing
+    one: several times faster on CPU than both at once.
+    """
+    if x.shape[3] > 1:
+        x = x.sum(dim=3, keepdim=True)  # [rows, pending, params, 1, kept, after]
+    return x.sum(dim=(3, 5)).flatten(2)
 
 
-def _slice_sum(x: torch.Tensor) -> torch.Tensor:
-    """Per-slice sum of a [before, kept, after] view: [kept]."""
-    if x.shape[0] == 1:
-        return x[0].sum(dim=1)
-    if x.shape[2] == 1:
-        return x[..., 0].sum(dim=0)
-    return x.sum(dim=(0, 2))
-
-
-def _member_view(x: torch.Tensor, member: Member) -> torch.Tensor:
-    """x as [before, kept, after] around the member's group axis (dim None: [1, 1, all])."""
-    if member.dim is None:
-        return x.reshape(1, 1, -1)
-    dim = member.dim % x.ndim
+def _member_sums(x: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """Signed sums of x [*shape] per group of one member, float64 [size] (zeros elsewhere)."""
     shape = x.shape
-    return x.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+    if member.dim is None:
+        per_slice = x.reshape(1, 1, -1).sum(dim=(0, 2))  # [1]
+    else:
+        dim = member.dim % x.ndim
+        view = x.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+        per_slice = view.sum(dim=(0, 2))  # [kept]
+    grouped = per_slice.reshape(-1, member.block).sum(dim=1) * member.sign  # [kept / block]
+    out = torch.zeros(size, dtype=torch.float64, device=x.device)
+    out[member.offset : member.offset + grouped.numel()] = grouped
+    return out
 
 
 def group_dot(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], group: SymmetryGroup
 ) -> torch.Tensor:
-    """Signed per-group <a, b> (`Utils.groups.group_sum` of a * b without forming it).
+    """Signed per-group <a, b> in float64 (`Utils.groups.group_sum` of a * b).
 
     Returns:
         float64 [group.size].
     """
-    plan = _Plan([group], {n: tuple(t.shape) for n, t in a.items()}, a[group.params[0]].device)
-    return plan.dot(plan.views(a), plan.views(b))
+    wide = {n: a[n].to(torch.float64) * b[n].to(torch.float64) for n in group.params}
+    return sum(_member_sums(wide[m.param], m, group.size) for m in group.members)
 
 
 def group_total(a: Mapping[str, torch.Tensor], group: SymmetryGroup) -> torch.Tensor:
     """Signed per-group sum of a (`Utils.groups.group_sum`), float64 [group.size]."""
-    plan = _Plan([group], {n: tuple(t.shape) for n, t in a.items()}, a[group.params[0]].device)
-    return plan.sum(plan.views(a))
+    return sum(_member_sums(a[m.param].to(torch.float64), m, group.size) for m in group.members)
 
 
 def budget_arrays(budget: Mapping) -> dict[str, dict[str, np.ndarray]]:

@@ -621,6 +621,13 @@ class Trainer:
         self.budget = (
             None if self.on_xla else BudgetTracker(self.optimizer, self.named, self.groups)
         )
+        if self.on_xla and ctx.is_master and any(g.valid for g in self.groups):
+            print(
+                "note: the symmetry-breaking budget is not tracked on XLA (its per-step hooks "
+                "are not traced): checkpoints hold no budget, so the budget and equilibrium "
+                "metrics skip this run; train on CPU or CUDA to get it",
+                file=sys.stderr,
+            )
         milestones = sorted(int(e) * self.steps_per_epoch for e in cfg["lr_drops"])
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=milestones, gamma=cfg["lr_drop_rate"]

@@ -277,6 +277,380 @@ def test_budget_state_dict_resumes_bitwise():
         tracker2.load_state_dict({"version": 99})
 
 
+def scheduled_run(dtype: torch.dtype, pending: int, read_every_step: bool, via_data: bool):
+    """AdamW on SymNet for 13 steps with an lr drop after 5 (MultiStepLR) and ``net.0.weight``
+    halved in place between steps 7 and 8 (under no_grad, or through ``.data``, which
+    autograd's version counter does not see).
+
+    Returns:
+        final snapshot; per step, per group, the measured change across the optimizer step
+        and the sum of the step's terms (when `read_every_step`); the change of Q of
+        ``scale/net.0`` by the halving [6] and Q at the end [6].
+    """
+    torch.manual_seed(0)
+    model = SymNet().to(dtype)
+    named = list(model.named_parameters())
+    params = dict(named)
+    opt = make_optimizer("adamw", named, lr=0.05)
+    tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=pending)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[5], gamma=0.1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 32, 8, generator=gen).to(dtype)
+    y = torch.randint(0, 3, (13, 32), generator=gen)
+    steps = []
+    for k in range(13):
+        if k == 7:
+            jump = -theory.measure(SYM_GROUPS[0], params).numpy()
+            if via_data:
+                params["net.0.weight"].data.mul_(0.5)
+            else:
+                with torch.no_grad():
+                    params["net.0.weight"].mul_(0.5)
+            jump += theory.measure(SYM_GROUPS[0], params).numpy()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        before = {g.key: theory.measure(g, params).numpy() for g in SYM_GROUPS}
+        cum = tracker.snapshot() if read_every_step else None
+        opt.step()
+        scheduler.step()
+        if read_every_step:
+            now = tracker.snapshot()
+            steps.append(
+                {
+                    g.key: (
+                        theory.measure(g, params).numpy() - before[g.key],
+                        sum(now[g.key][t] - cum[g.key][t] for t in TERMS),
+                    )
+                    for g in SYM_GROUPS
+                }
+            )
+    assert tracker.step == 13
+    return tracker.snapshot(), steps, jump, theory.measure(SYM_GROUPS[0], params).numpy()
+
+
+@pytest.mark.parametrize("via_data", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_budget_does_not_depend_on_the_flush_schedule(dtype, tol, via_data):
+    """Buffered steps reduced every 4 steps (and at the end) give bitwise the budget of steps
+    reduced one by one, through an lr drop and an in-place change of a parameter between two
+    steps, which appears in neither step's terms (the identity holds across each step)."""
+    every, steps, jump, q_end = scheduled_run(dtype, 1, read_every_step=True, via_data=via_data)
+    buffered, *_ = scheduled_run(dtype, 4, read_every_step=False, via_data=via_data)
+    assert every.keys() == buffered.keys()
+    for key in every:
+        for f in every[key]:
+            assert np.array_equal(every[key][f], buffered[key][f]), (key, f)
+    magnitude = {g.key: np.abs(every[g.key]["initial"]).max() for g in SYM_GROUPS}
+    for k, step in enumerate(steps):
+        for key, (change, total) in step.items():
+            assert np.abs(change - total).max() <= tol * magnitude[key], (k, key)
+    # the halving moved Q by far more than any step and is in no term: the carried sums
+    # miss exactly it
+    q = every["scale/net.0"]
+    carried = q["initial"] + sum(q[t] for t in TERMS)  # [6]
+    moves = max(np.abs(step["scale/net.0"][0]).max() for step in steps)
+    assert np.abs(jump).min() > 4 * moves
+    assert np.abs(q_end - jump - carried).max() <= 13 * tol * magnitude["scale/net.0"]
+
+
+class FailingOnce(torch.optim.AdamW):
+    """AdamW whose third step raises after the pre-hooks ran (nothing is updated)."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        """Raises on the third call."""
+        FailingOnce.calls += 1
+        if FailingOnce.calls == 3:
+            raise FloatingPointError("step skipped")
+        return super().step(closure)
+
+
+def test_a_step_that_raises_is_not_counted():
+    """A step that raises between the hooks leaves no trace: budget and identity as if it had
+    not been called (its lr is not paired with a later step when the steps are buffered)."""
+    results = []
+    for raising in (False, True):
+        torch.manual_seed(0)
+        model = SymNet().double()
+        named = list(model.named_parameters())
+        cls = FailingOnce if raising else torch.optim.AdamW
+        FailingOnce.calls = 0
+        opt = cls([p for _, p in named], lr=0.05, weight_decay=1e-2)
+        tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=4)
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(6, 32, 8, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (6, 32), generator=gen)
+        for k in range(6):
+            for group in opt.param_groups:
+                group["lr"] = 0.05 / (k + 1)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+            if raising and k == 2:
+                with pytest.raises(FloatingPointError):
+                    opt.step()
+            opt.step()
+        assert tracker.step == 6
+        results.append(tracker.snapshot())
+    for key in results[0]:
+        for f in results[0][key]:
+            assert np.array_equal(results[0][key][f], results[1][key][f]), (key, f)
+
+
+class ConvMLP(nn.Module):
+    """Conv2d(2, 4, 3) -> ReLU -> Conv2d(4, 4, 3, pad 1) -> ReLU -> flatten [B, 36] ->
+    Linear(36, 16) -> ReLU -> 3 x (Linear(16, 16) -> ReLU) -> Linear(16, 3):
+    same-shaped layers (one source for several parameters), a conv weight split by rows and
+    by columns, a flatten block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(36, 16),
+            nn.ReLU(),
+            nn.Linear(16, 16),
+            nn.ReLU(),
+            nn.Linear(16, 16),
+            nn.ReLU(),
+            nn.Linear(16, 16),
+            nn.ReLU(),
+            nn.Linear(16, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # [B, 3]
+
+
+def _pair(a: str, b: str, size: int, block: int = 1) -> SymmetryGroup:
+    """Rescale group between layers a (rows) and b (columns)."""
+    return SymmetryGroup(
+        "rescale",
+        f"{a}->{b}",
+        size,
+        (
+            Member(f"{a}.weight", 0),
+            Member(f"{a}.bias", 0),
+            Member(f"{b}.weight", 1, block, sign=-1),
+        ),
+    )
+
+
+CONV_GROUPS = [
+    _pair("net.0", "net.2", 4),
+    SymmetryGroup("scale", "net.2", 4, (Member("net.2.weight", 0), Member("net.2.bias", 0))),
+    _pair("net.2", "net.5", 4, block=9),
+    _pair("net.5", "net.7", 16),
+    _pair("net.7", "net.9", 16),
+    _pair("net.9", "net.11", 16),
+    SymmetryGroup("scale", "net.11", 16, (Member("net.11.weight", 0), Member("net.11.bias", 0))),
+    SymmetryGroup(
+        "translation",
+        "net.13",
+        17,
+        (Member("net.13.weight", 1), Member("net.13.bias", None, offset=16)),
+    ),
+]
+
+
+def reference_budget(groups, steps):
+    """The budget of recorded steps, per step from `group_dot` / `group_total` in float64.
+
+    Args:
+        steps: (theta_k, g_k, theta_{k+1}, lr, wd) per step (name -> tensor).
+
+    Returns:
+        key -> field -> cumulative [size] (no ``initial``).
+    """
+    out = {}
+    for g in groups:
+        fields = {f: 0.0 for f in (*TERMS, "angle_sum", "grad_sq_sum")}
+        for theta, grad, after, lr, wd in steps:
+            delta = {n: after[n] - theta[n] for n in theta}
+            if g.kind == "translation":
+                base, tg, td, dd, factor = (
+                    group_total(theta, g),
+                    group_total(grad, g),
+                    group_total(delta, g),
+                    0.0,
+                    1.0,
+                )
+            else:
+                base, tg = group_dot(theta, theta, g), group_dot(theta, grad, g)
+                td, dd, factor = group_dot(theta, delta, g), group_dot(delta, delta, g), 2.0
+                cross = (base * dd - td * td).clamp_min(0.0).sqrt()
+                fields["angle"] = torch.atan2(cross, base + td)
+                fields["angle_sum"] = fields["angle_sum"] + fields["angle"]
+                fields["grad_sq_sum"] = fields["grad_sq_sum"] + group_dot(grad, grad, g)
+            decay = -factor * lr * wd * base
+            leak = -factor * lr * tg
+            fields["decay"] = fields["decay"] + decay
+            fields["leak"] = fields["leak"] + leak
+            fields["kinetic"] = fields["kinetic"] + factor * td - decay - leak
+            fields["discretisation"] = fields["discretisation"] + dd
+        out[g.key] = fields
+    return out
+
+
+@pytest.mark.parametrize("chunk", [None, 40])
+@pytest.mark.parametrize("pending", [1, 3])
+def test_budget_matches_a_direct_computation(monkeypatch, chunk, pending):
+    """Every field of every group after 7 Adam steps (lr changed each step) equals the sums of
+    the per-step terms computed directly in float64 from theta_k, g_k, theta_{k+1}: with
+    products formed whole or in chunks of 40 elements (whole small parameters of a family,
+    rows of each large one), reduced every step or every 3."""
+    import Utils.budget as budget
+
+    if chunk is not None:
+        monkeypatch.setattr(budget, "CHUNK", chunk)
+    torch.manual_seed(0)
+    model = ConvMLP().double()
+    named = list(model.named_parameters())
+    params = dict(named)
+    opt = torch.optim.Adam([p for _, p in named], lr=0.02, weight_decay=1e-2)
+    tracker = BudgetTracker(opt, named, CONV_GROUPS, pending=pending)
+    assert tracker.skipped == {}
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 16, 2, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7, 16), generator=gen)
+    steps = []
+    for k in range(7):
+        opt.param_groups[0]["lr"] = 0.02 / (1 + k)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        theta = {n: p.detach().clone() for n, p in params.items()}
+        grad = {n: p.grad.clone() for n, p in params.items()}
+        opt.step()
+        after = {n: p.detach().clone() for n, p in params.items()}
+        steps.append((theta, grad, after, opt.param_groups[0]["lr"], 1e-2))
+    got = tracker.snapshot()
+    want = reference_budget(CONV_GROUPS, steps)
+    for g in CONV_GROUPS:
+        scale = np.abs(got[g.key]["initial"]).max()
+        for f, value in got[g.key].items():
+            if f == "initial":
+                continue
+            ref = np.asarray(want[g.key][f])
+            top = scale if f in TERMS else np.abs(ref).max() + 1e-300
+            assert np.abs(value - ref).max() <= 1e-12 * top, (g.key, f)
+
+
+def test_a_group_without_gradient_is_dropped_and_the_others_go_on():
+    """From step 5 ``net.5.bias`` has no gradient: its translation group is dropped with a
+    warning; the buffered steps of the others are kept and their budget stays exact."""
+    torch.manual_seed(0)
+    model = SymNet().double()
+    named = list(model.named_parameters())
+    params = dict(named)
+    opt = make_optimizer("adamw", named)
+    tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=4)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 32, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (9, 32), generator=gen)
+    for k in range(9):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        if k >= 5:
+            params["net.5.bias"].grad = None
+        if k == 5:
+            with pytest.warns(UserWarning, match="no more budget"):
+                opt.step()
+        else:
+            opt.step()
+    state = tracker.snapshot()
+    assert set(state) == {"scale/net.0", "rescale/net.3->net.5"}
+    assert "net.5.bias" in tracker.skipped["translation/net.5"]
+    for g in SYM_GROUPS[:2]:
+        carried = state[g.key]["initial"] + sum(state[g.key][t] for t in TERMS)
+        measured = theory.measure(g, params).numpy()
+        assert np.abs(carried - measured).max() <= 1e-12 * np.abs(measured).max(), g.key
+
+
+def test_reading_the_state_inside_a_step_changes_nothing():
+    """A step pre-hook after the tracker's reads the budget (a flush while the step is open
+    between the tracker's hooks): the budget stays bitwise that of a run that never reads."""
+    results = []
+    for read in (False, True):
+        torch.manual_seed(0)
+        model = SymNet().double()
+        named = list(model.named_parameters())
+        opt = make_optimizer("adamw", named)
+        tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=4)
+        if read:
+
+            def reader(*_, tracker=tracker) -> None:
+                tracker.state_dict()
+
+            opt.register_step_pre_hook(reader)
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(7, 32, 8, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (7, 32), generator=gen)
+        for k in range(7):
+            opt.param_groups[0]["lr"] = 0.02 / (k + 1)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+            opt.step()
+        assert tracker.step == 7
+        results.append(tracker.snapshot())
+    for key in results[0]:
+        for f in results[0][key]:
+            assert np.array_equal(results[0][key][f], results[1][key][f]), (key, f)
+
+
+class DoublingSGD(torch.optim.Optimizer):
+    """SGD with coupled weight decay that doubles p.grad in place inside step() (written out:
+    a subclass calling a hooked parent's step() would fire the step hooks twice)."""
+
+    def __init__(self, params, lr: float, weight_decay: float) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Doubles every gradient, then steps."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad.mul_(2.0)
+                p.add_(p.grad + group["weight_decay"] * p, alpha=-group["lr"])
+
+
+def test_an_optimizer_changing_the_gradient_in_place_is_caught():
+    """With one buffered step the gradients of large parameters are read at the flush, after
+    the step: an optimizer that changes p.grad in place is seen, said once, and from the next
+    step on the gradients are copied before the step; the identity holds throughout."""
+    torch.manual_seed(0)
+    model = SymNet().double()
+    named = list(model.named_parameters())
+    params = dict(named)
+    opt = DoublingSGD([p for _, p in named], lr=0.05, weight_decay=1e-2)
+    tracker = BudgetTracker(opt, named, SYM_GROUPS, pending=1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 32, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (4, 32), generator=gen)
+    key = "scale/net.0"
+    for k in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        theta = {n: p.detach().clone() for n, p in params.items()}
+        grad = {n: p.grad.clone() for n, p in params.items()}
+        before, cum = theory.measure(SYM_GROUPS[0], params).numpy(), tracker.snapshot()
+        if k == 0:
+            with pytest.warns(UserWarning, match="changed p.grad in place"):
+                opt.step()
+        else:
+            opt.step()
+        now = tracker.snapshot()
+        parts = {t: now[key][t] - cum[key][t] for t in TERMS}
+        change = theory.measure(SYM_GROUPS[0], params).numpy() - before
+        assert np.abs(sum(parts.values()) - change).max() <= 1e-12 * np.abs(before).max()
+        leak = -2 * 0.05 * group_dot(theta, grad, SYM_GROUPS[0]).numpy()
+        factor = 2.0 if k == 0 else 1.0  # step 0 saw the doubled gradient (said so)
+        np.testing.assert_allclose(parts["leak"], factor * leak, rtol=1e-10, atol=1e-14)
+
+
 def test_group_dot_equals_group_sum():
     """`group_dot` / `group_total` against `Utils.groups.group_sum` of the elementwise terms."""
     gen = torch.Generator().manual_seed(0)
