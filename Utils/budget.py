@@ -44,9 +44,16 @@ A step called with a closure cannot be observed (the gradient at theta_k is comp
 the step, and optimizers such as L-BFGS move theta several times): the tracker raises a
 `UsageError` saying so instead of writing a wrong budget.
 
-Cost: per step the hooks only copy theta_k and g_k (before) and Delta_k (after) of the
-tracked parameters into buffers (a few calls for all of them). Every `BudgetTracker.pending`
-steps (as many as fit in `RING_BYTES`, so 1 for models of millions of parameters), and
+Cost: on the CPU with numba (`Utils.fastsums`), the pre-hook copies theta_k and g_k of the
+tracked parameters (one call) and the post-hook reads theta_k, theta_{k+1} and g_k once per
+parameter in a fused float64 kernel that writes every group sum of the step (Delta_k formed in
+float64); only these sums are kept, and every `BudgetTracker.pending` steps (up to
+`FUSED_PENDING`) one more kernel adds their terms to the cumulative sums in step order. g_k
+being copied before the step, an optimizer that changes ``p.grad`` in place cannot enter.
+
+Elsewhere (GPU, no numba) the hooks copy theta_k and g_k (before) and Delta_k (after) into
+buffers. Every `BudgetTracker.pending` steps
+(as many as fit in `RING_BYTES`, so 1 for models of millions of parameters), and
 whenever the state is read (`state`, `state_dict`, `snapshot`, `remove`, a group dropped),
 the buffered steps are reduced at once: per family of same-shaped parameters and chunk of
 `CHUNK` elements, the products theta theta, Delta Delta, theta g, theta Delta (and g g for
@@ -70,6 +77,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from Utils import fastsums
 from Utils.errors import CorruptFileError, UsageError
 from Utils.groups import Member, SymmetryGroup, group_sum, groups_from_json, groups_to_json
 from Utils.kinds import FAMILIES, spec
@@ -81,6 +89,8 @@ RING_BYTES = 32 << 20  # memory of the buffered steps (default `BudgetTracker.pe
 CHUNK = 1 << 19  # elements per buffered step whose products are formed at once
 SUB_WIDTH = 1 << 20  # banks this wide form Delta_k per parameter (fewer passes, more calls)
 MAX_PENDING = 32  # steps buffered at most before their sums are reduced
+FUSED_PENDING = 256  # with the fused kernels: steps whose group sums are kept at most
+FUSED_BYTES = 8 << 20  # ... within this memory (5 float64 sums per group entry and step)
 FIELD_PREFIX = "budget_"  # prefix of the fields in features.h5 (theory/<key>/budget_<field>)
 
 
@@ -146,15 +156,20 @@ class _Bank:
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         return (3 * self.width + 5 * self.chunk) * itemsize
 
-    def alloc(self, pending: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """Allocates the buffers of `pending` steps and the per-slot parameter views."""
-        self.buffer = torch.empty(3, pending, self.width, dtype=self.dtype, device=self.device)
-        self.scratch = torch.empty(5 * pending * self.chunk, dtype=self.dtype, device=self.device)
-        self.rows = torch.empty(3 * self.chunk, dtype=self.dtype, device=self.device)
+    def alloc(
+        self, pending: int, shapes: Mapping[str, tuple[int, ...]], fused: bool = False
+    ) -> None:
+        """Allocates the buffers of `pending` steps and the per-slot parameter views (with
+        `fused`: theta_k and g_k of one step only, and no scratch)."""
+        planes = 2 if fused else 3
+        self.buffer = torch.empty(planes, pending, self.width, dtype=self.dtype, device=self.device)
+        chunk = 0 if fused else self.chunk
+        self.scratch = torch.empty(5 * pending * chunk, dtype=self.dtype, device=self.device)
+        self.rows = torch.empty(3 * chunk, dtype=self.dtype, device=self.device)
         self.slots = []
         for k in range(pending):
             rows = []
-            for j in range(3):
+            for j in range(planes):
                 flat = self.buffer[j, k]  # [N]
                 rows.append(
                     [
@@ -383,10 +398,47 @@ class _Plan:
                             grad_index += entries
                             grad_sign += [sg] * len(entries)
         self.device = device
+        self.fused: fastsums.SlicePlan | None = None  # set by the tracker (`fuse`)
+        self.sums = np.zeros((0, 0, 0))  # fused: [pending, planes, total] per buffered step
+        self.scale_mask = torch.tensor(
+            [float(g.kind == "scale") for g in self.groups for _ in range(g.size)],
+            dtype=torch.float64,
+        )
         self.index = torch.tensor(index, dtype=torch.long, device=device)
         self.sign = torch.tensor(sign, dtype=torch.float64, device=device)
         self.grad_index = torch.tensor(grad_index, dtype=torch.long, device=device)
         self.grad_sign = torch.tensor(grad_sign, dtype=torch.float64, device=device)
+
+    def fuse(self, shapes: Mapping[str, tuple[int, ...]], names: Sequence[str], pending: int):
+        """Takes each step's group sums at its post-hook by the fused CPU kernels
+        (`Utils.fastsums`): one pass over theta_k, theta_{k+1} and g_k per parameter, float64,
+        kept per step in `sums` until the flush.
+
+        Args:
+            shapes: parameter name -> shape.
+            names: the order of the tensor lists given to `step_sums`.
+            pending: steps kept.
+        """
+        members = []
+        start = 0
+        for g in self.groups:
+            for m in g.members:
+                shape = shapes[m.param]
+                dim = None if m.dim is None else m.dim % max(len(shape), 1)
+                slices = 1 if dim is None else shape[dim]
+                entries = [start + m.offset + j // m.block for j in range(slices)]
+                members.append((m.param, shape, dim, entries, float(m.sign)))
+            start += g.size
+        planes = 3 if self.groups[0].kind == "translation" else 5
+        self.fused = fastsums.SlicePlan(members, planes, names, self.total)
+        self.sums = np.zeros((pending, planes, self.total))
+        self.columns = np.arange(self.total, dtype=np.int64)  # rates per entry
+        self.zero_columns = np.zeros(self.total, dtype=np.int64)  # one rate for all
+        self.no_angle = np.zeros(self.total)
+
+    def step_sums(self, k: int, before, after, grads) -> None:
+        """The fused group sums of one step (lists of tensors in the `fuse` order) into slot k."""
+        self.fused.products(before, after, grads, self.sums[k])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-group views of a [total] vector."""
@@ -402,12 +454,17 @@ class _Plan:
 
     def linear(self, pending: int) -> torch.Tensor:
         """S_k, <1, g_k>, <1, Delta_k> of the pending steps: float64 [3, pending, total]."""
+        if self.fused is not None:
+            return torch.from_numpy(self.sums[:pending]).transpose(0, 1)
         parts = [part for src in self.sources for part in src.linear(pending)]
         return self._scatter(parts, self.index, self.sign)
 
     def quadratic(self, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Q_k, |Delta_k|^2, <theta_k, g_k>, <theta_k, Delta_k> of the pending steps: float64
         [4, pending, total]; and |g_k|^2 [pending, total] (scale groups; 0 elsewhere)."""
+        if self.fused is not None:
+            sums = torch.from_numpy(self.sums[:pending]).transpose(0, 1)  # [5, pending, total]
+            return sums[:4], sums[4] * self.scale_mask
         parts = [part for src in self.sources for part in src.quadratic(pending)]
         main = self._scatter([part[:4] for part in parts], self.index, self.sign)
         scale = [part[4:] for part, sc in zip(parts, self.scale_parts) if sc]
@@ -557,13 +614,25 @@ class BudgetTracker:
             else:
                 per_entry = [c for c, size in zip(cols, plan.sizes) for _ in range(size)]
                 self._pg_cols[cls] = torch.tensor(per_entry, dtype=torch.long, device=device)
+        # the fused kernels: every tracked parameter on the CPU in float32/float64, numba present
+        self._fused = bool(self._banks) and all(fastsums.usable(b.params) for b in self._banks)
         if self._requested is not None:
             self.pending = max(1, int(self._requested))
+        elif self._fused:  # only the per-step group sums are kept
+            entries = sum(plan.total for plan in self._plans.values()) or 1
+            self.pending = max(MAX_PENDING, min(FUSED_PENDING, FUSED_BYTES // (40 * entries)))
         else:
             per_step = sum(b.step_bytes() for b in self._banks) or 1
             self.pending = max(1, min(MAX_PENDING, RING_BYTES // per_step))
+        self._names = [n for b in self._banks for n in b.names]
+        self._params = [p for b in self._banks for p in b.params]
         for b in self._banks:
-            b.alloc(self.pending, shapes)
+            b.alloc(1 if self._fused else self.pending, shapes, self._fused)
+        if self._fused:
+            for plan in self._plans.values():
+                plan.fuse(shapes, self._names, self.pending)
+            self._before_list = [t for b in self._banks for t in b.slots[0][0]]  # theta_k
+            self._grad_list = [t for b in self._banks for t in b.slots[0][1]]  # g_k
         self._set_live()
         self._count = 0  # steps buffered
         self._hypers: list[tuple[tuple[float, float], ...]] = []  # (lr, wd) per step, pg
@@ -571,6 +640,11 @@ class BudgetTracker:
     def _set_live(self) -> None:
         """With one buffered step, large parameters (chunked by rows) of the quadratic plan are
         read live at the flush: their g_k and Delta_k are not buffered (two passes fewer)."""
+        if self._fused:  # g_k is copied (one call; the kernels then read persistent buffers)
+            self._live_params = []
+            for b in self._banks:
+                b.held = list(range(len(b.params)))
+            return
         live = self.pending == 1 and self._live_allowed
         sources = [src for plan in self._plans.values() for src in plan.sources]
         quadratic = self._plans.get("quadratic")
@@ -631,10 +705,16 @@ class BudgetTracker:
             return
         k = self._count
         with torch.no_grad():
-            for b in self._banks:
-                theta, grad, _ = b.slots[k]
+            if self._fused:  # theta_k and g_k of every parameter, one call
+                grads = [p.grad for p in self._params]
+                torch._foreach_copy_(self._before_list + self._grad_list, self._params + grads)
+            for b in self._banks if not self._fused else ():
+                theta, grad = b.slots[k][:2]
                 torch._foreach_copy_(theta, b.params)
-                torch._foreach_copy_([grad[i] for i in b.held], [b.params[i].grad for i in b.held])
+                if b.held:
+                    torch._foreach_copy_(
+                        [grad[i] for i in b.held], [b.params[i].grad for i in b.held]
+                    )
         # gradients read live at the flush: (gradient, its version) to check they stay g_k
         self._live_grads = [(p.grad, p.grad._version) for p in self._live_params]
         del self._hypers[k:]  # a step that raised after this hook left its entry
@@ -647,8 +727,10 @@ class BudgetTracker:
             return
         self._open = False
         k = self._count
+        if self._fused:
+            self._fused_step(k)
         with torch.no_grad():
-            for b in self._banks:
+            for b in self._banks if not self._fused else ():
                 theta, _, delta = b.slots[k]
                 if b.width >= SUB_WIDTH:  # one pass per parameter
                     for i in b.held:
@@ -675,6 +757,13 @@ class BudgetTracker:
         if changed:
             self._live_allowed = False
             self._build(self.state)
+
+    def _fused_step(self, k: int) -> None:
+        """Step k's group sums by the fused kernels (theta_k and g_k from slot 0, copied by the
+        pre-hook; theta_{k+1} from the parameters)."""
+        with torch.no_grad():
+            for plan in self._plans.values():
+                plan.step_sums(k, self._before_list, self._params, self._grad_list)
 
     def _rates(self, cls: str, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eta_k and eta_k lam of the first `pending` buffered steps: float64 [pending, 1], or
@@ -704,6 +793,18 @@ class BudgetTracker:
         with torch.no_grad():
             for cls, plan in self._plans.items():
                 lr, lwd = self._rates(cls, pending)
+                if plan.fused is not None:  # one pass, in step order (as the cumsum below)
+                    cols = lr.shape[1]
+                    fastsums.accumulate_budget(
+                        plan.sums[:pending],
+                        lr.numpy(),
+                        lwd.numpy(),
+                        plan.columns if cols > 1 else plan.zero_columns,
+                        plan.scale_mask.numpy(),
+                        self._acc[cls].numpy(),
+                        self._angle[cls].numpy() if cls == "quadratic" else plan.no_angle,
+                    )
+                    continue
                 if cls == "translation":
                     base, tg, td = plan.linear(pending)  # [pending, total] each
                     terms = step_terms(1.0, lr, lwd, base, tg, td, None)
@@ -718,7 +819,8 @@ class BudgetTracker:
                 # sequential sums (cumsum), as if each step were added on its own
                 sums = torch.cat([acc[:, None], torch.stack(steps)], dim=1).cumsum_(1)
                 acc.copy_(sums[:, -1])
-            if self._open:  # read between a step's hooks: its theta_k, g_k move to slot 0
+            if self._open and not self._fused:  # read between a step's hooks: its theta_k, g_k
+                # move to slot 0
                 for b in self._banks:
                     b.buffer[:2, 0].copy_(b.buffer[:2, pending])
         del self._hypers[:pending]

@@ -310,6 +310,22 @@ class Reducer:
                 parts[i] = sums[i][0] if len(sums[i]) == 1 else torch.cat(sums[i])
         return self._scatter(parts)
 
+    def fused_plan(self, shapes: Mapping[str, Sequence[int]], names: Sequence[str]):
+        """A `Utils.fastsums.SlicePlan` of the squares of these groups: its ``squares(tensors)``
+        (tensors in `names` order, CPU float32/float64: `Utils.fastsums.usable`) gives the
+        group sums of ``x * x``, float64 [1, total], by fused kernels that read each tensor
+        once; equal to `squares` up to the order of the float64 additions."""
+        from Utils import fastsums
+
+        shapes = {n: tuple(shapes[n]) for n in self.names}
+        sizes = [1 if m[2] is None else (shapes[m[0]] or (1,))[m[2]] for m in self.members]
+        index, _ = self._entries(self.members, sizes)
+        members, start = [], 0
+        for m, size in zip(self.members, sizes):
+            members.append((m[0], shapes[m[0]], m[2], index[start : start + size], m[5]))
+            start += size
+        return fastsums.SlicePlan(members, 1, names, self.total)
+
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
         """The reused float64 buffer of `square_sums`, viewed with the shape of `like`."""
         import torch  # lazily: see the module docstring

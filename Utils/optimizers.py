@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from Utils import theory
+from Utils import fastsums, theory
 from Utils.errors import CorruptFileError, UsageError
 from Utils.groups import Reducer, SymmetryGroup, groups_from_json, groups_to_json
 from Utils.kinds import KINDS
@@ -134,15 +134,19 @@ class _Bundle:
 
 
 class _Ring:
-    """Deferred group sums of one quadratic bundle's squared step term.
+    """Deferred theory steps of one quadratic bundle (its squared step term and step matrix).
 
-    On a small model the cost of the per-step group sums is the number of torch calls, not the
-    arithmetic. A ring keeps up to `steps` steps: a copy of each step's squared term (v_k with
-    momentum, d_k without; one `torch._foreach_copy_` per step) and its theory step matrix.
-    `flush` squares the kept terms in float64 and reduces them with one leading axis
-    (`Reducer.square_sums`: the same calls for any number of steps), then applies the steps'
-    matrices in order. Each step's sums do not depend on how many steps are reduced together
-    (tested), so the state is bitwise the same whenever it is read (each read flushes: see
+    A ring keeps up to `steps` steps and applies them in order at its flush. On the CPU with
+    numba (`Utils.fastsums`), each step's group sums of its squared term (v_k with momentum,
+    d_k without) are taken at once, by a fused float64 kernel that reads each tensor once, and
+    only they are kept: the ring holds [steps, n] float64, and any bundle size fits. Elsewhere
+    a copy of each step's term is kept (one `torch._foreach_copy_` per step; only when it
+    fits in `RING_BYTES`) and `flush` squares the kept terms in float64 and reduces them with
+    one leading axis (`Reducer.square_sums`: the same calls for any number of steps): on a
+    small model the cost of the per-step group sums is the number of torch calls.
+
+    Either way each step's sums do not depend on how many steps are flushed together (tested),
+    so the state is bitwise the same whenever it is read (each read flushes: see
     `TrackingSGD._export_state`).
 
     Args:
@@ -153,26 +157,49 @@ class _Ring:
     def __init__(self, bundle: _Bundle, steps: int) -> None:
         self.bundle = bundle
         self.steps = steps
-        self.terms = {  # name -> [steps, *shape], the parameter's dtype
-            n: torch.empty(steps, *p.shape, dtype=p.dtype, device=p.device)
-            for n, p in zip(bundle.names, bundle.params)
-        }
+        self.fast = _Ring.fused(bundle)
+        n = bundle.mat.shape[1]
+        if self.fast:
+            shapes = {name: p.shape for name, p in zip(bundle.names, bundle.params)}
+            self.plan = bundle.reducer.fused_plan(shapes, bundle.names)
+            self.sums = np.empty((steps, n))  # float64 [steps, n]
+            self.terms = {}
+        else:
+            self.terms = {  # name -> [steps, *shape], the parameter's dtype
+                name: torch.empty(steps, *p.shape, dtype=p.dtype, device=p.device)
+                for name, p in zip(bundle.names, bundle.params)
+            }
         self.slots = [[t[j] for t in self.terms.values()] for j in range(steps)]
         self.coefs: list[torch.Tensor] = []  # per kept step: float64 [4, 5]
 
     @staticmethod
+    def fused(bundle: _Bundle) -> bool:
+        """Whether the bundle's sums are taken by the fused CPU kernels (`Utils.fastsums`)."""
+        return (
+            bundle.reducer is not None
+            and bundle.mat.device.type == "cpu"
+            and fastsums.usable(bundle.params)
+        )
+
+    @staticmethod
     def capacity(bundle: _Bundle) -> int:
         """Steps a ring of this bundle keeps (0: none, on XLA, for translation or a large
-        bundle)."""
+        bundle without the fused kernels)."""
         if bundle.reducer is None or bundle.first.device.type not in ("cpu", "cuda"):
             return 0
+        if _Ring.fused(bundle):
+            return RING_STEPS
         per_step = sum(p.numel() * p.element_size() for p in bundle.params)
         steps = min(RING_STEPS, RING_BYTES // max(per_step, 1))
         return steps if steps >= RING_MIN_STEPS else 0
 
     def push(self, term: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
         """Keeps one step: its term (a tensor per bundle parameter) and its step matrix."""
-        torch._foreach_copy_(self.slots[len(self.coefs)], list(term))
+        j = len(self.coefs)
+        if self.fast:
+            self.plan.squares(term, self.sums[j : j + 1])
+        else:
+            torch._foreach_copy_(self.slots[j], list(term))
         self.coefs.append(coef)
         if len(self.coefs) == self.steps:
             self.flush()
@@ -182,8 +209,11 @@ class _Ring:
         k = len(self.coefs)
         if not k:
             return
-        kept = {n: t[:k] for n, t in self.terms.items()}  # [k, *shape] each
-        rows = self.bundle.reducer.square_sums(kept)  # float64 [k, n]
+        if self.fast:
+            rows = torch.from_numpy(self.sums[:k])  # float64 [k, n]
+        else:
+            kept = {n: t[:k] for n, t in self.terms.items()}  # [k, *shape] each
+            rows = self.bundle.reducer.square_sums(kept)  # float64 [k, n]
         mat = self.bundle.mat  # [4, n]
         for j, coef in enumerate(self.coefs):
             mat = coef @ torch.cat([mat, rows[j : j + 1]])  # [4, n]

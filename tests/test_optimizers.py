@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from Utils import theory
+from Utils import fastsums, theory
 from Utils.errors import CorruptFileError, UnknownNameError, UsageError
 from Utils.groups import Member, Reducer, SymmetryGroup, group_sum, group_sum_np
 from Utils.optimizers import BUFFERS, LAMB, OPTIMIZERS, TrackingSGD, build_optimizer
@@ -326,6 +326,44 @@ def test_reducer_equals_group_sum():
     assert "rowcol" in [p.op for p in plan.parts]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_squares_equal_a_numpy_reference(dtype):
+    """`Utils.fastsums` (one pass per tensor) against group_sum_np of the float64 squares:
+    rows, columns, a middle axis of a 3-d tensor, 4-d rows and columns, a whole tensor, a
+    flatten block, overlapping members, a 1-d member; non-contiguous input."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"a": (5, 3, 2, 2), "b": (5,), "c": (4, 20), "d": (4,), "e": (2, 3, 5), "f": (3, 4)}
+    groups = [
+        SymmetryGroup("scale", "a", 5, (Member("a", 0), Member("b", 0))),
+        SymmetryGroup(
+            "rescale", "a->c", 5, (Member("a", 0), Member("b", 0), Member("c", 1, 4, sign=-1))
+        ),
+        SymmetryGroup("translation", "c", 21, (Member("c", 1), Member("d", None, offset=20))),
+        SymmetryGroup("rescale", "odd", 4, (Member("d", 0), Member("c", 0, sign=-1))),
+        SymmetryGroup("scale", "mid", 3, (Member("e", 1), Member("a", 1, sign=-1))),
+        SymmetryGroup("scale", "last", 5, (Member("e", 2), Member("f", None, offset=4))),
+        SymmetryGroup("scale", "whole", 1, (Member("a", None),)),
+    ]
+    x = {
+        n: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype) for n, s in shapes.items()
+    }
+    x["f"] = torch.randn(4, 3, generator=gen, dtype=torch.float64).to(dtype).t()  # strided
+    reducer = Reducer(groups, {n: len(s) for n, s in shapes.items()})
+    names = list(shapes)
+    plan = reducer.fused_plan({n: t.shape for n, t in x.items()}, names)
+    for _ in range(2):  # the second call reuses the kept arrays
+        got = plan.squares([x[n] for n in names])[0]
+    wide = {n: t.double().numpy() for n, t in x.items()}
+    want = np.concatenate([group_sum_np({n: a * a for n, a in wide.items()}, g) for g in groups])
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    x["a"].mul_(2.0)  # same tensor, new values: read again
+    got = plan.squares([x[n] for n in names])[0].copy()
+    wide["a"] = x["a"].double().numpy()
+    want = np.concatenate([group_sum_np({n: a * a for n, a in wide.items()}, g) for g in groups])
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(torch.from_numpy(got), reducer.squares(x), rtol=1e-14, atol=0)
+
+
 def test_reducer_accumulates_float32_in_float64():
     """Issue 13: float32 products are summed in float64 (a float32 sum is off by ~1e-8)."""
     gen = torch.Generator().manual_seed(1)
@@ -407,13 +445,19 @@ def test_state_dict_round_trip_is_bitwise():
     assert set(opt.state_dict()["state"][0]) >= {"momentum_buffer", "grad", "update", "sgd", "mom"}
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "copies"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("config", sorted(SGD_CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_deferred_theory_reads_the_same_at_any_step(dtype, config, threads):
+def test_deferred_theory_reads_the_same_at_any_step(dtype, config, threads, fused, monkeypatch):
     """The ring's deferred group sums are invisible: the theory read after every step (a flush
     each time) is bitwise the one read only at the end, across an lr drop, and matches the
-    per-step path without a ring to round-off."""
+    per-step path without a ring to round-off; with the fused kernels (sums kept) and
+    without them (copies of the terms kept)."""
+    if fused:
+        assert fastsums.AVAILABLE, "numba is in requirements.txt: the fused kernels must load"
+    else:
+        monkeypatch.setattr(fastsums, "AVAILABLE", False)
     data = batches(40, dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -429,6 +473,7 @@ def test_deferred_theory_reads_the_same_at_any_step(dtype, config, threads):
                 **SGD_CONFIGS[config],
             )
             assert any(b.ring is not None for b in opt._bundles)
+            assert all(b.ring.fast == fused for b in opt._bundles if b.ring is not None)
             if read == "no ring":
                 for b in opt._bundles:
                     b.ring = None
