@@ -44,12 +44,13 @@ A step called with a closure cannot be observed (the gradient at theta_k is comp
 the step, and optimizers such as L-BFGS move theta several times): the tracker raises a
 `UsageError` saying so instead of writing a wrong budget.
 
-Cost: on the CPU with numba (`Utils.fastsums`), the pre-hook copies theta_k and g_k of the
-tracked parameters (one call) and the post-hook reads theta_k, theta_{k+1} and g_k once per
+Cost: on the CPU with numba (`Utils.fastsums`), the pre-hook copies theta_k of the tracked
+parameters (one call) and the post-hook reads theta_k, theta_{k+1} and g_k (in place) once per
 parameter in a fused float64 kernel that writes every group sum of the step (Delta_k formed in
 float64); only these sums are kept, and every `BudgetTracker.pending` steps (up to
-`FUSED_PENDING`) one more kernel adds their terms to the cumulative sums in step order. g_k
-being copied before the step, an optimizer that changes ``p.grad`` in place cannot enter.
+`FUSED_PENDING`) one more kernel adds their terms to the cumulative sums in step order. An
+optimizer that changes ``p.grad`` in place is caught (version counters), said once, and the
+gradients are copied before each step from then on.
 
 Elsewhere (GPU, no numba) the hooks copy theta_k and g_k (before) and Delta_k (after) into
 buffers. Every `BudgetTracker.pending` steps
@@ -436,9 +437,10 @@ class _Plan:
         self.zero_columns = np.zeros(self.total, dtype=np.int64)  # one rate for all
         self.no_angle = np.zeros(self.total)
 
-    def step_sums(self, k: int, before, after, grads) -> None:
-        """The fused group sums of one step (lists of tensors in the `fuse` order) into slot k."""
-        self.fused.products(before, after, grads, self.sums[k])
+    def step_sums(self, k: int, before, after, grads, same: bool) -> None:
+        """The fused group sums of one step (lists of tensors in the `fuse` order) into slot k;
+        `same`: the lists hold the tensors of the previous step, with the same storage."""
+        self.fused.products(before, after, grads, self.sums[k], same)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-group views of a [total] vector."""
@@ -631,6 +633,7 @@ class BudgetTracker:
         if self._fused:
             for plan in self._plans.values():
                 plan.fuse(shapes, self._names, self.pending)
+            self._pointers: list[int] = []  # storage of the parameters at the last step
             self._before_list = [t for b in self._banks for t in b.slots[0][0]]  # theta_k
             self._grad_list = [t for b in self._banks for t in b.slots[0][1]]  # g_k
         self._set_live()
@@ -640,10 +643,10 @@ class BudgetTracker:
     def _set_live(self) -> None:
         """With one buffered step, large parameters (chunked by rows) of the quadratic plan are
         read live at the flush: their g_k and Delta_k are not buffered (two passes fewer)."""
-        if self._fused:  # g_k is copied (one call; the kernels then read persistent buffers)
-            self._live_params = []
+        if self._fused:  # g_k read in place after the step, unless it is seen to change
+            self._live_params = list(self._params) if self._live_allowed else []
             for b in self._banks:
-                b.held = list(range(len(b.params)))
+                b.held = [] if self._live_allowed else list(range(len(b.params)))
             return
         live = self.pending == 1 and self._live_allowed
         sources = [src for plan in self._plans.values() for src in plan.sources]
@@ -694,6 +697,11 @@ class BudgetTracker:
                 "step() without a closure, or track no budget"
             )
         self._open = False
+        if self._fused and self._plans:  # the common case, in few Python operations
+            grads = [p.grad for p in self._params]
+            if not any(g is None for g in grads):
+                self._fused_before(grads)
+                return
         if any(p.grad is None for b in self._banks for p in b.params):
             no_grad = {}
             for g in self.groups:
@@ -705,9 +713,14 @@ class BudgetTracker:
             return
         k = self._count
         with torch.no_grad():
-            if self._fused:  # theta_k and g_k of every parameter, one call
+            if self._fused:  # theta_k, and g_k when it cannot be read in place after the step
                 grads = [p.grad for p in self._params]
-                torch._foreach_copy_(self._before_list + self._grad_list, self._params + grads)
+                if self._live_params and all(g.is_contiguous() for g in grads):
+                    torch._foreach_copy_(self._before_list, self._params)
+                    self._step_grads = grads
+                else:
+                    torch._foreach_copy_(self._before_list + self._grad_list, self._params + grads)
+                    self._step_grads = self._grad_list
             for b in self._banks if not self._fused else ():
                 theta, grad = b.slots[k][:2]
                 torch._foreach_copy_(theta, b.params)
@@ -718,6 +731,22 @@ class BudgetTracker:
         # gradients read live at the flush: (gradient, its version) to check they stay g_k
         self._live_grads = [(p.grad, p.grad._version) for p in self._live_params]
         del self._hypers[k:]  # a step that raised after this hook left its entry
+        self._hypers.append(tuple(self._hyper(i) for i in self._pgs))
+        self._open = True
+
+    def _fused_before(self, grads: list[torch.Tensor]) -> None:
+        """`_before` with the fused kernels: copies theta_k (and g_k when it cannot be read in
+        place after the step), notes the gradients' versions, the step's lr and decay."""
+        with torch.no_grad():
+            if self._live_params and all(g.is_contiguous() for g in grads):
+                torch._foreach_copy_(self._before_list, self._params)
+                self._step_grads = grads
+                self._live_grads = [(g, g._version) for g in grads]
+            else:
+                torch._foreach_copy_(self._before_list + self._grad_list, self._params + grads)
+                self._step_grads = self._grad_list
+                self._live_grads = []
+        del self._hypers[self._count :]  # a step that raised after this hook left its entry
         self._hypers.append(tuple(self._hyper(i) for i in self._pgs))
         self._open = True
 
@@ -759,11 +788,16 @@ class BudgetTracker:
             self._build(self.state)
 
     def _fused_step(self, k: int) -> None:
-        """Step k's group sums by the fused kernels (theta_k and g_k from slot 0, copied by the
-        pre-hook; theta_{k+1} from the parameters)."""
+        """Step k's group sums by the fused kernels (theta_k from slot 0, copied by the
+        pre-hook; theta_{k+1} from the parameters; g_k from the gradients, or from slot 0 once
+        an optimizer was seen changing them)."""
+        # theta_k and g_k are the tracker's own buffers; the parameters keep their storage
+        # unless replaced (e.g. p.data = ...): checked here once for every plan
+        pointers = [p.data_ptr() for p in self._params]
+        same, self._pointers = pointers == self._pointers, pointers
         with torch.no_grad():
             for plan in self._plans.values():
-                plan.step_sums(k, self._before_list, self._params, self._grad_list)
+                plan.step_sums(k, self._before_list, self._params, self._step_grads, same)
 
     def _rates(self, cls: str, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eta_k and eta_k lam of the first `pending` buffered steps: float64 [pending, 1], or

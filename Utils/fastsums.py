@@ -28,7 +28,19 @@ import numpy as np
 try:  # optional: without numba the callers keep their torch path
     if os.environ.get("NM_FAST_SUMS", "1") == "0":
         raise ImportError("disabled by NM_FAST_SUMS=0")
-    from numba import njit
+    import numba
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _pointer(typingctx, address, like):
+        """A pointer to elements of the type of array `like` at an integer address."""
+        signature = types.CPointer(like.dtype)(address, like)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+        return signature, codegen
 
     AVAILABLE = True
 except Exception:  # pragma: no cover - numba missing, disabled or unusable here
@@ -215,16 +227,21 @@ def _linear_into(t0, t1, g, work, row_at, mid_at):  # pragma: no cover - compile
 
 @njit(**_FLAGS)
 def _quadratics(t0s, t1s, gs, work, row_at, mid_at):  # pragma: no cover - compiled by numba
-    """`_quadratic_into` for every triple of the tuples."""
+    """`_quadratic_into` for every pair of the tuples t0s, t1s and the gradient at address
+    gs[i] (contiguous, shaped and typed as t0s[i])."""
     for i in range(len(t0s)):
-        _quadratic_into(t0s[i], t1s[i], gs[i], work, row_at[i], mid_at[i])
+        t0 = t0s[i]
+        g = numba.carray(_pointer(gs[i], t0), t0.shape)
+        _quadratic_into(t0, t1s[i], g, work, row_at[i], mid_at[i])
 
 
 @njit(**_FLAGS)
 def _linears(t0s, t1s, gs, work, row_at, mid_at):  # pragma: no cover - compiled by numba
-    """`_linear_into` for every triple of the tuples."""
+    """`_linear_into` for every pair of the tuples and gradient address (as `_quadratics`)."""
     for i in range(len(t0s)):
-        _linear_into(t0s[i], t1s[i], gs[i], work, row_at[i], mid_at[i])
+        t0 = t0s[i]
+        g = numba.carray(_pointer(gs[i], t0), t0.shape)
+        _linear_into(t0, t1s[i], g, work, row_at[i], mid_at[i])
 
 
 _WORKING: bool | None = None  # the kernels compiled and ran (checked once per process)
@@ -241,10 +258,11 @@ def _working() -> bool:
                 offsets = np.array([0], dtype=np.int64), np.array([2], dtype=np.int64)
                 work = np.zeros((5, 5))
                 _squares((x,), work[0], *offsets)
-                _quadratics((x,), (x,), (x,), work, *offsets)
-                _linears((x,), (x,), (x,), work[:3], *offsets)
+                address = np.array([x.ctypes.data], dtype=np.int64)
+                _quadratics((x,), (x,), address, work, *offsets)
+                _linears((x,), (x,), address, work[:3], *offsets)
             index = np.zeros(1, dtype=np.int64)
-            _scatter(work, index, index, np.ones(1), np.zeros((5, 1)))
+            _scatter(work, index, np.array([0, 1], dtype=np.int64), np.ones(1), np.zeros((5, 1)))
             rates = np.zeros((1, 1))
             acc = np.zeros((6, 1))
             accumulate_budget(np.zeros((1, 5, 1)), rates, rates, index, np.ones(1), acc, acc[0])
@@ -267,13 +285,15 @@ def usable(tensors: Sequence) -> bool:
 
 
 @njit(**_FLAGS)
-def _scatter(work, gather, index, sign, out):  # pragma: no cover - compiled by numba
-    """out[p, index[i]] += sign[i] * work[p, gather[i]] for every plane p, out zeroed first."""
+def _scatter(work, gather, starts, sign, out):  # pragma: no cover - compiled by numba
+    """out[p, t] = sum of sign[i] * work[p, gather[i]] over i in starts[t]..starts[t + 1] (in
+    that order) for every plane p and entry t."""
     for p in range(out.shape[0]):
         for t in range(out.shape[1]):
-            out[p, t] = 0.0
-        for i in range(gather.shape[0]):
-            out[p, index[i]] += sign[i] * work[p, gather[i]]
+            total = 0.0
+            for i in range(starts[t], starts[t + 1]):
+                total += sign[i] * work[p, gather[i]]
+            out[p, t] = total
 
 
 @njit(cache=True, nogil=True)  # no fastmath: the IEEE order of every operation
@@ -343,8 +363,15 @@ class _Arrays:
         self.pointers: list[int] = []
         self.runs: list[tuple[tuple[np.ndarray, ...], slice]] = []
 
-    def __call__(self, tensors: Sequence) -> list[tuple[tuple[np.ndarray, ...], slice]]:
-        """Runs of calls whose arrays share a dtype: (their arrays, their slice of the calls)."""
+    def __call__(
+        self, tensors: Sequence, same: bool = False
+    ) -> list[tuple[tuple[np.ndarray, ...], slice]]:
+        """Runs of calls whose arrays share a dtype: (their arrays, their slice of the calls).
+
+        With `same` the caller vouches that the tensors are those of the previous call, with
+        the same storage (checked once for several plans)."""
+        if same and self.runs and self.tensors is not None:
+            return self.runs
         if (
             len(tensors) == len(self.tensors)
             and all(map(operator.is_, tensors, self.tensors))
@@ -437,16 +464,19 @@ class SlicePlan:
         def cat(parts: list[np.ndarray], dtype) -> np.ndarray:
             return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
-        self.gather = cat(gather, np.int64)
-        self.index = cat(index, np.int64)
-        self.sign = cat(sign, np.float64)
+        entry = cat(index, np.int64)
+        order = np.argsort(entry, kind="stable")  # by group entry, each in member order
+        self.gather = cat(gather, np.int64)[order]
+        self.sign = cat(sign, np.float64)[order]
+        self.starts = np.concatenate([[0], np.cumsum(np.bincount(entry, minlength=total))])
         self.work = np.zeros((planes, max(width, 1)))
         self.out = np.zeros((planes, total))
         self.row_at = np.array([c[2] for c in calls], dtype=np.int64)
         self.mid_at = np.array([c[3] for c in calls], dtype=np.int64)
         views = [c[1] for c in calls]
         positions = [c[0] for c in calls]
-        self._arrays = [_Arrays(positions, views) for _ in range(3 if planes > 1 else 1)]
+        self._positions = positions
+        self._arrays = [_Arrays(positions, views) for _ in range(2 if planes > 1 else 1)]
 
     def squares(self, tensors: Sequence, out: np.ndarray | None = None) -> np.ndarray:
         """Signed group sums of x^2 of the tensors (in `names` order) into `out`, float64
@@ -455,19 +485,28 @@ class SlicePlan:
         for arrays, calls in self._arrays[0](tensors):
             _squares(arrays, work, self.row_at[calls], self.mid_at[calls])
         out = self.out if out is None else out
-        _scatter(self.work, self.gather, self.index, self.sign, out)
+        _scatter(self.work, self.gather, self.starts, self.sign, out)
         return out
 
     def products(
-        self, before: Sequence, after: Sequence, grads: Sequence, out: np.ndarray | None = None
+        self,
+        before: Sequence,
+        after: Sequence,
+        grads: Sequence,
+        out: np.ndarray | None = None,
+        same: bool = False,
     ) -> np.ndarray:
         """Signed group sums of the `QUADRATIC` (planes 5) or `LINEAR` (planes 3) quantities
-        of theta_k (`before`), theta_{k+1} (`after`) and g_k (`grads`), each a list in `names`
-        order, into `out`, float64 [planes, total] (default: a buffer the next call reuses)."""
+        of theta_k (`before`), theta_{k+1} (`after`) and g_k (`grads`: contiguous, each of its
+        parameter's dtype; read in place through its address), each a list in `names` order,
+        into `out`, float64 [planes, total] (default: a buffer the next call reuses).
+        `same`: the caller vouches that `before` and `after` hold the tensors of the previous
+        call, with the same storage (their arrays are then not checked again)."""
         kernel = _quadratics if self.planes == 5 else _linears
-        runs = [cache(ts) for cache, ts in zip(self._arrays, (before, after, grads))]
-        for (t0, calls), (t1, _), (g, _) in zip(*runs):
-            kernel(t0, t1, g, self.work, self.row_at[calls], self.mid_at[calls])
+        runs = [cache(ts, same) for cache, ts in zip(self._arrays, (before, after))]
+        addresses = np.array([grads[i].data_ptr() for i in self._positions], dtype=np.int64)
+        for (t0, calls), (t1, _) in zip(*runs):
+            kernel(t0, t1, addresses[calls], self.work, self.row_at[calls], self.mid_at[calls])
         out = self.out if out is None else out
-        _scatter(self.work, self.gather, self.index, self.sign, out)
+        _scatter(self.work, self.gather, self.starts, self.sign, out)
         return out

@@ -630,11 +630,11 @@ class DoublingSGD(torch.optim.Optimizer):
                 p.add_(p.grad + group["weight_decay"] * p, alpha=-group["lr"])
 
 
-def test_an_optimizer_changing_the_gradient_in_place_is_caught(fused):
-    """Torch path: with one buffered step the gradients of large parameters are read at the
-    flush, after the step: an optimizer that changes p.grad in place is seen, said once, and
-    from the next step on the gradients are copied before the step. Fused kernels: g_k is
-    always copied before the step, so the change never enters. The identity holds throughout."""
+def test_an_optimizer_changing_the_gradient_in_place_is_caught():
+    """The gradients are read after the step (fused kernels: all of them, in place; torch
+    path with one buffered step: those of large parameters, at the flush): an optimizer that
+    changes p.grad in place is seen, said once, and from the next step on the gradients are
+    copied before the step; the identity holds throughout."""
     torch.manual_seed(0)
     model = SymNet().double()
     named = list(model.named_parameters())
@@ -651,7 +651,7 @@ def test_an_optimizer_changing_the_gradient_in_place_is_caught(fused):
         theta = {n: p.detach().clone() for n, p in params.items()}
         grad = {n: p.grad.clone() for n, p in params.items()}
         before, cum = theory.measure(SYM_GROUPS[0], params).numpy(), tracker.snapshot()
-        if k == 0 and not fused:
+        if k == 0:
             with pytest.warns(UserWarning, match="changed p.grad in place"):
                 opt.step()
         else:
@@ -663,8 +663,7 @@ def test_an_optimizer_changing_the_gradient_in_place_is_caught(fused):
         change = theory.measure(SYM_GROUPS[0], params).numpy() - before
         assert np.abs(sum(parts.values()) - change).max() <= 1e-12 * np.abs(before).max()
         leak = -2 * 0.05 * group_dot(theta, grad, SYM_GROUPS[0]).numpy()
-        factor = 2.0 if k == 0 and not fused else 1.0  # torch: step 0 saw the doubled
-        # gradient (said so)
+        factor = 2.0 if k == 0 else 1.0  # step 0 saw the doubled gradient (said so)
         np.testing.assert_allclose(parts["leak"], factor * leak, rtol=1e-10, atol=1e-14)
 
 
