@@ -635,6 +635,7 @@ class BudgetTracker:
                 plan.fuse(shapes, self._names, self.pending)
             self._pointers: list[int] = []  # storage of the parameters at the last step
             self._before_list = [t for b in self._banks for t in b.slots[0][0]]  # theta_k
+            self._theta_copies = [fastsums.FlatCopy(b.params, b.buffer[0, 0]) for b in self._banks]
             self._grad_list = [t for b in self._banks for t in b.slots[0][1]]  # g_k
         self._set_live()
         self._count = 0  # steps buffered
@@ -738,8 +739,13 @@ class BudgetTracker:
         """`_before` with the fused kernels: copies theta_k (and g_k when it cannot be read in
         place after the step), notes the gradients' versions, the step's lr and decay."""
         with torch.no_grad():
+            # the parameters keep their storage unless replaced (e.g. p.data = ...): checked
+            # once per step for every kernel call
+            pointers = [p.data_ptr() for p in self._params]
+            self._same, self._pointers = pointers == self._pointers, pointers
             if self._live_params and all(g.is_contiguous() for g in grads):
-                torch._foreach_copy_(self._before_list, self._params)
+                for copy in self._theta_copies:
+                    copy(self._same)
                 self._step_grads = grads
                 self._live_grads = [(g, g._version) for g in grads]
             else:
@@ -791,13 +797,9 @@ class BudgetTracker:
         """Step k's group sums by the fused kernels (theta_k from slot 0, copied by the
         pre-hook; theta_{k+1} from the parameters; g_k from the gradients, or from slot 0 once
         an optimizer was seen changing them)."""
-        # theta_k and g_k are the tracker's own buffers; the parameters keep their storage
-        # unless replaced (e.g. p.data = ...): checked here once for every plan
-        pointers = [p.data_ptr() for p in self._params]
-        same, self._pointers = pointers == self._pointers, pointers
-        with torch.no_grad():
+        with torch.no_grad():  # theta_k: the tracker's own buffers; the parameters: `_same`
             for plan in self._plans.values():
-                plan.step_sums(k, self._before_list, self._params, self._step_grads, same)
+                plan.step_sums(k, self._before_list, self._params, self._step_grads, self._same)
 
     def _rates(self, cls: str, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eta_k and eta_k lam of the first `pending` buffered steps: float64 [pending, 1], or

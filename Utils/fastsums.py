@@ -18,7 +18,6 @@ The first call of each kernel signature compiles it (about a second, cached on d
 from __future__ import annotations
 
 import math
-import operator
 import os
 import warnings
 from collections.abc import Sequence
@@ -93,10 +92,12 @@ def _square_into(x, work, row_at, mid_at):  # pragma: no cover - compiled by num
 
 
 @njit(**_FLAGS)
-def _squares(xs, work, row_at, mid_at):  # pragma: no cover - compiled by numba
-    """`_square_into` for every array of the tuple xs (same dtype and rank)."""
-    for i in range(len(xs)):
-        _square_into(xs[i], work, row_at[i], mid_at[i])
+def _squares(xs, shapes, like, work, row_at, mid_at):  # pragma: no cover - compiled by numba
+    """`_square_into` for the contiguous arrays at addresses xs (int64 [n]), shaped shapes[i]
+    (int64 [n, 3]), of the dtype of `like`."""
+    for i in range(xs.shape[0]):
+        shape = (shapes[i, 0], shapes[i, 1], shapes[i, 2])
+        _square_into(numba.carray(_pointer(xs[i], like), shape), work, row_at[i], mid_at[i])
 
 
 @njit(**_FLAGS)
@@ -226,22 +227,26 @@ def _linear_into(t0, t1, g, work, row_at, mid_at):  # pragma: no cover - compile
 
 
 @njit(**_FLAGS)
-def _quadratics(t0s, t1s, gs, work, row_at, mid_at):  # pragma: no cover - compiled by numba
-    """`_quadratic_into` for every pair of the tuples t0s, t1s and the gradient at address
-    gs[i] (contiguous, shaped and typed as t0s[i])."""
-    for i in range(len(t0s)):
-        t0 = t0s[i]
-        g = numba.carray(_pointer(gs[i], t0), t0.shape)
-        _quadratic_into(t0, t1s[i], g, work, row_at[i], mid_at[i])
+def _quadratics(t0s, t1s, gs, shapes, like, work, row_at, mid_at):  # pragma: no cover - numba
+    """`_quadratic_into` for the contiguous arrays at addresses t0s, t1s, gs (int64 [n] each),
+    shaped shapes[i] (int64 [n, 3]), of the dtype of `like`."""
+    for i in range(t0s.shape[0]):
+        shape = (shapes[i, 0], shapes[i, 1], shapes[i, 2])
+        t0 = numba.carray(_pointer(t0s[i], like), shape)
+        t1 = numba.carray(_pointer(t1s[i], like), shape)
+        g = numba.carray(_pointer(gs[i], like), shape)
+        _quadratic_into(t0, t1, g, work, row_at[i], mid_at[i])
 
 
 @njit(**_FLAGS)
-def _linears(t0s, t1s, gs, work, row_at, mid_at):  # pragma: no cover - compiled by numba
-    """`_linear_into` for every pair of the tuples and gradient address (as `_quadratics`)."""
-    for i in range(len(t0s)):
-        t0 = t0s[i]
-        g = numba.carray(_pointer(gs[i], t0), t0.shape)
-        _linear_into(t0, t1s[i], g, work, row_at[i], mid_at[i])
+def _linears(t0s, t1s, gs, shapes, like, work, row_at, mid_at):  # pragma: no cover - numba
+    """`_linear_into` for the arrays at the addresses (as `_quadratics`)."""
+    for i in range(t0s.shape[0]):
+        shape = (shapes[i, 0], shapes[i, 1], shapes[i, 2])
+        t0 = numba.carray(_pointer(t0s[i], like), shape)
+        t1 = numba.carray(_pointer(t1s[i], like), shape)
+        g = numba.carray(_pointer(gs[i], like), shape)
+        _linear_into(t0, t1, g, work, row_at[i], mid_at[i])
 
 
 _WORKING: bool | None = None  # the kernels compiled and ran (checked once per process)
@@ -255,12 +260,15 @@ def _working() -> bool:
         try:
             for dtype in (np.float32, np.float64):
                 x = np.ones((2, 3, 1), dtype=dtype)
+                like = x[:0, 0, 0]
                 offsets = np.array([0], dtype=np.int64), np.array([2], dtype=np.int64)
                 work = np.zeros((5, 5))
-                _squares((x,), work[0], *offsets)
                 address = np.array([x.ctypes.data], dtype=np.int64)
-                _quadratics((x,), (x,), address, work, *offsets)
-                _linears((x,), (x,), address, work[:3], *offsets)
+                shape = np.array([[2, 3, 1]], dtype=np.int64)
+                _squares(address, shape, like, work[0], *offsets)
+                _quadratics(address, address, address, shape, like, work, *offsets)
+                _linears(address, address, address, shape, like, work[:3], *offsets)
+                _gather_into(address, np.array([6]), like, np.zeros(6, dtype=dtype), offsets[0])
             index = np.zeros(1, dtype=np.int64)
             _scatter(work, index, np.array([0, 1], dtype=np.int64), np.ones(1), np.zeros((5, 1)))
             rates = np.zeros((1, 1))
@@ -339,57 +347,55 @@ def accumulate_budget(sums, lr, lwd, col, mask, acc, last):  # pragma: no cover 
                     last[t] = a
 
 
-def _array(t, view: tuple[int, ...]) -> np.ndarray:
-    """A C-contiguous numpy view of a tensor with shape `view` (a copy only when the tensor is
-    not contiguous)."""
-    a = t.detach().numpy()
-    return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(view)
+@njit(**_FLAGS)
+def _gather_into(addresses, sizes, like, out, offsets):  # pragma: no cover - numba
+    """Copies the contiguous arrays at the addresses (sizes[i] elements of the dtype of
+    `like`) side by side into out, from the offsets."""
+    for i in range(addresses.shape[0]):
+        a = numba.carray(_pointer(addresses[i], like), (sizes[i],))
+        start = offsets[i]
+        out[start : start + sizes[i]] = a
 
 
-class _Arrays:
-    """The numpy arrays a plan's kernel calls read from a list of tensors, kept while the same
-    tensor objects with the same storage come back (parameters and optimizer buffers are
-    converted once: a conversion costs microseconds, a large share of a small model's step).
+def _addresses(tensors: Sequence, keep: list) -> np.ndarray:
+    """int64 [n]: the data addresses of the tensors; a non-contiguous one is read from a
+    contiguous copy, appended to `keep` (which must live until the addresses are used)."""
+    out = []
+    for t in tensors:
+        if not t.is_contiguous():
+            t = t.contiguous()
+            keep.append(t)
+        out.append(t.data_ptr())
+    return np.array(out, dtype=np.int64)
+
+
+class FlatCopy:
+    """Copies a list of tensors (all of one dtype, on the CPU) into one flat tensor, side by
+    side, in one compiled call (torch's per-tensor copies cost microseconds each on CPU).
 
     Args:
-        positions: per kernel call, the index of its tensor in the list.
-        views: per kernel call, the (B, K, A) shape it reads.
+        tensors: the sources.
+        out: the destination, 1-d, contiguous, with their total number of elements.
     """
 
-    def __init__(self, positions: Sequence[int], views: Sequence[tuple[int, int, int]]) -> None:
-        self.positions = list(positions)
-        self.views = list(views)
-        self.tensors: tuple = ()
-        self.pointers: list[int] = []
-        self.runs: list[tuple[tuple[np.ndarray, ...], slice]] = []
+    def __init__(self, tensors: Sequence, out) -> None:
+        self.sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.tensors = list(tensors)
+        self.out = out.detach().numpy()
+        self.like = self.out[:0]
+        self._kept: np.ndarray | None = None  # the sources' addresses at the last call
 
-    def __call__(
-        self, tensors: Sequence, same: bool = False
-    ) -> list[tuple[tuple[np.ndarray, ...], slice]]:
-        """Runs of calls whose arrays share a dtype: (their arrays, their slice of the calls).
-
-        With `same` the caller vouches that the tensors are those of the previous call, with
-        the same storage (checked once for several plans)."""
-        if same and self.runs and self.tensors is not None:
-            return self.runs
-        if (
-            len(tensors) == len(self.tensors)
-            and all(map(operator.is_, tensors, self.tensors))
-            and [t.data_ptr() for t in tensors] == self.pointers
-        ):
-            return self.runs
-        arrays = [_array(tensors[i], v) for i, v in zip(self.positions, self.views)]
-        runs: list[tuple[tuple[np.ndarray, ...], slice]] = []
-        first = 0
-        for i in range(1, len(arrays) + 1):
-            if i == len(arrays) or arrays[i].dtype != arrays[first].dtype:
-                runs.append((tuple(arrays[first:i]), slice(first, i)))
-                first = i
-        if all(t.is_contiguous() for t in tensors):
-            self.tensors = tuple(tensors)
-            self.pointers = [t.data_ptr() for t in tensors]
-            self.runs = runs
-        return runs
+    def __call__(self, same: bool = False) -> None:
+        """Copies; `same`: the caller vouches that the tensors kept their storage since the
+        last call (their addresses are then reused)."""
+        keep: list = []
+        if same and self._kept is not None:
+            addresses = self._kept
+        else:
+            addresses = _addresses(self.tensors, keep)
+            self._kept = None if keep else addresses
+        _gather_into(addresses, self.sizes, self.like, self.out, self.offsets)
 
 
 class SlicePlan:
@@ -476,14 +482,47 @@ class SlicePlan:
         views = [c[1] for c in calls]
         positions = [c[0] for c in calls]
         self._positions = positions
-        self._arrays = [_Arrays(positions, views) for _ in range(2 if planes > 1 else 1)]
+        self._shapes = np.array(views, dtype=np.int64).reshape(-1, 3)
+        self._runs: list[tuple[np.ndarray, np.ndarray]] | None = None  # calls of one dtype
+        self._kept: list[np.ndarray | None] = [None, None]  # addresses of the reused lists
+
+    def _dtype_runs(self, tensors: Sequence) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(call indices, an empty array of their dtype) per dtype of the tensors."""
+        if self._runs is None:
+            by_dtype: dict[str, list[int]] = {}
+            for c, pos in enumerate(self._positions):
+                by_dtype.setdefault(str(tensors[pos].dtype).replace("torch.", ""), []).append(c)
+            self._runs = [
+                (np.array(cs, dtype=np.int64), np.zeros(0, dtype=np.dtype(name)))
+                for name, cs in by_dtype.items()
+            ]
+        return self._runs
+
+    def _call_addresses(self, tensors: Sequence, keep: list, slot: int, same: bool):
+        """The data address of each call's tensor (reused from the last call with `same`)."""
+        kept = self._kept[slot] if slot >= 0 else None
+        if same and kept is not None:
+            return kept
+        addresses = _addresses([tensors[i] for i in self._positions], keep)
+        if slot >= 0:
+            self._kept[slot] = None if keep else addresses
+        return addresses
 
     def squares(self, tensors: Sequence, out: np.ndarray | None = None) -> np.ndarray:
         """Signed group sums of x^2 of the tensors (in `names` order) into `out`, float64
         [1, total] (default: a buffer that the next call reuses)."""
+        keep: list = []
+        addresses = self._call_addresses(tensors, keep, -1, False)
         work = self.work[0]
-        for arrays, calls in self._arrays[0](tensors):
-            _squares(arrays, work, self.row_at[calls], self.mid_at[calls])
+        for calls, like in self._dtype_runs(tensors):
+            _squares(
+                addresses[calls],
+                self._shapes[calls],
+                like,
+                work,
+                self.row_at[calls],
+                self.mid_at[calls],
+            )
         out = self.out if out is None else out
         _scatter(self.work, self.gather, self.starts, self.sign, out)
         return out
@@ -503,10 +542,21 @@ class SlicePlan:
         `same`: the caller vouches that `before` and `after` hold the tensors of the previous
         call, with the same storage (their arrays are then not checked again)."""
         kernel = _quadratics if self.planes == 5 else _linears
-        runs = [cache(ts, same) for cache, ts in zip(self._arrays, (before, after))]
-        addresses = np.array([grads[i].data_ptr() for i in self._positions], dtype=np.int64)
-        for (t0, calls), (t1, _) in zip(*runs):
-            kernel(t0, t1, addresses[calls], self.work, self.row_at[calls], self.mid_at[calls])
+        keep: list = []
+        t0s = self._call_addresses(before, keep, 0, same)
+        t1s = self._call_addresses(after, keep, 1, same)
+        gs = self._call_addresses(grads, keep, -1, False)
+        for calls, like in self._dtype_runs(before):
+            kernel(
+                t0s[calls],
+                t1s[calls],
+                gs[calls],
+                self._shapes[calls],
+                like,
+                self.work,
+                self.row_at[calls],
+                self.mid_at[calls],
+            )
         out = self.out if out is None else out
         _scatter(self.work, self.gather, self.starts, self.sign, out)
         return out

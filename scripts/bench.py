@@ -79,6 +79,7 @@ STEP_MODELS = (
     ("resnet18 64x64", "resnet18", "tinyimagenet", (3, 64, 64), 200, 8, 2),
 )
 HYPER = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+LARGE_MODEL_REPS = 11  # section 1: repetitions of the rows whose repetition is one step
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,12 @@ def build_step_pair(spec: tuple, batch: int, device: torch.device) -> dict:
     return {"model": model, "twin": copy.deepcopy(model), "groups": groups, "x": x, "y": y}
 
 
+def step_reps(sizes: Sizes, steps: int) -> int:
+    """Repetitions of a section-1 row: at least `LARGE_MODEL_REPS` when one step fills a
+    repetition (large models: a single step's time swings by +-15% on a shared machine)."""
+    return sizes.reps if sizes.quick or steps > 1 else max(sizes.reps, LARGE_MODEL_REPS)
+
+
 def _stepper(model, opt, x, y, device: torch.device) -> Callable[[], None]:
     """One training step (zero_grad, forward, cross-entropy, backward, step)."""
 
@@ -419,7 +426,7 @@ def section_step(bench: Bench) -> None:
                 "tracked": _stepper(pair["model"], tracked, x, y, bench.device),
                 "sgd": _stepper(pair["twin"], plain, x, y, bench.device),
             },
-            sizes.reps,
+            step_reps(sizes, steps),
             sizes.warmup,
             calls=steps,
         )
@@ -436,7 +443,8 @@ def section_step(bench: Bench) -> None:
                 r.ratio_text(3),
                 "<= 1.10x",
                 verdict(r.median, 1.10),
-                f"{valid} groups, {params / 1e6:.2f} M params; {steps} step(s) per repetition; "
+                f"{valid} groups, {params / 1e6:.2f} M params; {steps} step(s) per repetition, "
+                f"{step_reps(sizes, steps)} repetitions; "
                 f"tracking adds {extra * 1e3:+.2f} ms/step",
             )
         )
@@ -456,7 +464,7 @@ def _budget_row(bench: Bench, label: str, pair: dict, batch: int, steps: int) ->
             tracker = BudgetTracker(opt, list(model.named_parameters()), pair["groups"])
         sides[name] = _stepper(model, opt, pair["x"], pair["y"], bench.device)
     gc.collect()
-    times = paired(sides, bench.sizes.reps, bench.sizes.warmup, calls=steps)
+    times = paired(sides, step_reps(bench.sizes, steps), bench.sizes.warmup, calls=steps)
     r = ratios(times["budget"], times["adamw"])
     extra = (statistics.median(times["budget"]) - statistics.median(times["adamw"])) / steps
     bench.rows.append(
