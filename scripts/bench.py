@@ -79,7 +79,7 @@ STEP_MODELS = (
     ("resnet18 64x64", "resnet18", "tinyimagenet", (3, 64, 64), 200, 8, 2),
 )
 HYPER = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
-LARGE_MODEL_REPS = 11  # section 1: repetitions of the rows whose repetition is one step
+LARGE_MODEL_REPS = 11  # sections 1, 7: repetitions of the rows whose repetition is one step
 
 
 @dataclass(frozen=True)
@@ -386,8 +386,9 @@ def build_step_pair(spec: tuple, batch: int, device: torch.device) -> dict:
 
 
 def step_reps(sizes: Sizes, steps: int) -> int:
-    """Repetitions of a section-1 row: at least `LARGE_MODEL_REPS` when one step fills a
-    repetition (large models: a single step's time swings by +-15% on a shared machine)."""
+    """Repetitions of a step row (sections 1 and 7): at least `LARGE_MODEL_REPS` when one step
+    fills a repetition (large models: a single step's time swings by +-15% on a shared
+    machine)."""
     return sizes.reps if sizes.quick or steps > 1 else max(sizes.reps, LARGE_MODEL_REPS)
 
 
@@ -818,7 +819,7 @@ def section_online(bench: Bench) -> None:
                 "custom+online": _cpu_timed(_stepper(pair["model"], custom, x, y, bench.device)),
                 "sgd": _cpu_timed(_stepper(pair["twin"], plain, x, y, bench.device)),
             },
-            sizes.reps,
+            step_reps(sizes, steps),
             sizes.warmup,
             calls=steps,
         )
@@ -841,7 +842,7 @@ def section_online(bench: Bench) -> None:
                     "<= 1.10x",
                     verdict(r.median, 1.10),
                     f"CPU time; vs torch SGD untracked; {len(pair['groups'])} groups; {steps} "
-                    f"step(s) per repetition; adds {extra * 1e3:+.2f} ms/step",
+                    f"step(s) per repetition, {step_reps(sizes, steps)} repetitions; adds {extra * 1e3:+.2f} ms/step",
                 )
             )
         tracker = trackers["custom"]
