@@ -368,17 +368,8 @@ class _Plan:
         self.total = sum(self.sizes)
         # parameter -> (dim, in a scale group, entries of its slices, sign) per member
         members: dict[str, list[tuple[int | None, bool, list[int], float]]] = {}
-        start = 0
-        for g in self.groups:
-            for m in g.members:
-                shape = shapes[m.param]
-                dim = None if m.dim is None else m.dim % max(len(shape), 1)
-                slices = 1 if dim is None else shape[dim]
-                entries = [start + m.offset + j // m.block for j in range(slices)]
-                members.setdefault(m.param, []).append(
-                    (dim, g.kind == "scale", entries, float(m.sign))
-                )
-            start += g.size
+        for g, m, dim, entries in _member_slices(self.groups, shapes):
+            members.setdefault(m.param, []).append((dim, g.kind == "scale", entries, float(m.sign)))
         self.sources: list[_Source] = []
         index: list[int] = []
         sign: list[float] = []
@@ -420,16 +411,10 @@ class _Plan:
             names: the order of the tensor lists given to `step_sums`.
             pending: steps kept.
         """
-        members = []
-        start = 0
-        for g in self.groups:
-            for m in g.members:
-                shape = shapes[m.param]
-                dim = None if m.dim is None else m.dim % max(len(shape), 1)
-                slices = 1 if dim is None else shape[dim]
-                entries = [start + m.offset + j // m.block for j in range(slices)]
-                members.append((m.param, shape, dim, entries, float(m.sign)))
-            start += g.size
+        members = [
+            (m.param, shapes[m.param], dim, entries, float(m.sign))
+            for _, m, dim, entries in _member_slices(self.groups, shapes)
+        ]
         planes = 3 if self.groups[0].kind == "translation" else 5
         self.fused = fastsums.SlicePlan(members, planes, names, self.total)
         self.sums = np.zeros((pending, planes, self.total))
@@ -473,6 +458,19 @@ class _Plan:
         if not scale:
             return main, main.new_zeros(main.shape[1:])
         return main, self._scatter(scale, self.grad_index, self.grad_sign)[0]
+
+
+def _member_slices(groups: Sequence[SymmetryGroup], shapes: Mapping[str, tuple[int, ...]]):
+    """(group, member, its kept axis or None, the group entry of each of its slices) for every
+    member of the groups, their entries laid out group after group."""
+    start = 0
+    for g in groups:
+        for m in g.members:
+            shape = shapes[m.param]
+            dim = None if m.dim is None else m.dim % max(len(shape), 1)
+            slices = 1 if dim is None else shape[dim]
+            yield g, m, dim, [start + m.offset + j // m.block for j in range(slices)]
+        start += g.size
 
 
 def _runs(bank: _Bank, members: Mapping[str, list], shapes: Mapping[str, tuple[int, ...]]):
