@@ -392,10 +392,6 @@ class _Plan:
         self.device = device
         self.fused: fastsums.SlicePlan | None = None  # set by the tracker (`fuse`)
         self.sums = np.zeros((0, 0, 0))  # fused: [pending, planes, total] per buffered step
-        self.scale_mask = torch.tensor(
-            [float(g.kind == "scale") for g in self.groups for _ in range(g.size)],
-            dtype=torch.float64,
-        )
         self.index = torch.tensor(index, dtype=torch.long, device=device)
         self.sign = torch.tensor(sign, dtype=torch.float64, device=device)
         self.grad_index = torch.tensor(grad_index, dtype=torch.long, device=device)
@@ -418,6 +414,9 @@ class _Plan:
         planes = 3 if self.groups[0].kind == "translation" else 5
         self.fused = fastsums.SlicePlan(members, planes, names, self.total)
         self.sums = np.zeros((pending, planes, self.total))
+        self.scale_mask = np.array(  # |g|^2 is summed for the entries of scale groups
+            [float(g.kind == "scale") for g in self.groups for _ in range(g.size)]
+        )
         self.columns = np.arange(self.total, dtype=np.int64)  # rates per entry
         self.zero_columns = np.zeros(self.total, dtype=np.int64)  # one rate for all
         self.no_angle = np.zeros(self.total)
@@ -441,17 +440,12 @@ class _Plan:
 
     def linear(self, pending: int) -> torch.Tensor:
         """S_k, <1, g_k>, <1, Delta_k> of the pending steps: float64 [3, pending, total]."""
-        if self.fused is not None:
-            return torch.from_numpy(self.sums[:pending]).transpose(0, 1)
         parts = [part for src in self.sources for part in src.linear(pending)]
         return self._scatter(parts, self.index, self.sign)
 
     def quadratic(self, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Q_k, |Delta_k|^2, <theta_k, g_k>, <theta_k, Delta_k> of the pending steps: float64
         [4, pending, total]; and |g_k|^2 [pending, total] (scale groups; 0 elsewhere)."""
-        if self.fused is not None:
-            sums = torch.from_numpy(self.sums[:pending]).transpose(0, 1)  # [5, pending, total]
-            return sums[:4], sums[4] * self.scale_mask
         parts = [part for src in self.sources for part in src.quadratic(pending)]
         main = self._scatter([part[:4] for part in parts], self.index, self.sign)
         scale = [part[4:] for part, sc in zip(parts, self.scale_parts) if sc]
@@ -644,8 +638,6 @@ class BudgetTracker:
         read live at the flush: their g_k and Delta_k are not buffered (two passes fewer)."""
         if self._fused:  # g_k read in place after the step, unless it is seen to change
             self._live_params = list(self._params) if self._live_allowed else []
-            for b in self._banks:
-                b.held = [] if self._live_allowed else list(range(len(b.params)))
             return
         live = self.pending == 1 and self._live_allowed
         sources = [src for plan in self._plans.values() for src in plan.sources]
@@ -696,11 +688,6 @@ class BudgetTracker:
                 "step() without a closure, or track no budget"
             )
         self._open = False
-        if self._fused and self._plans:  # the common case, in few Python operations
-            grads = [p.grad for p in self._params]
-            if not any(g is None for g in grads):
-                self._fused_before(grads)
-                return
         if any(p.grad is None for b in self._banks for p in b.params):
             no_grad = {}
             for g in self.groups:
@@ -710,23 +697,15 @@ class BudgetTracker:
             self._drop(no_grad)
         if not self._plans:
             return
+        if self._fused:
+            self._fused_before([p.grad for p in self._params])
+            return
         k = self._count
         with torch.no_grad():
-            if self._fused:  # theta_k, and g_k when it cannot be read in place after the step
-                grads = [p.grad for p in self._params]
-                if self._live_params and all(g.is_contiguous() for g in grads):
-                    torch._foreach_copy_(self._before_list, self._params)
-                    self._step_grads = grads
-                else:
-                    torch._foreach_copy_(self._before_list + self._grad_list, self._params + grads)
-                    self._step_grads = self._grad_list
-            for b in self._banks if not self._fused else ():
+            for b in self._banks:
                 theta, grad = b.slots[k][:2]
                 torch._foreach_copy_(theta, b.params)
-                if b.held:
-                    torch._foreach_copy_(
-                        [grad[i] for i in b.held], [b.params[i].grad for i in b.held]
-                    )
+                torch._foreach_copy_([grad[i] for i in b.held], [b.params[i].grad for i in b.held])
         # gradients read live at the flush: (gradient, its version) to check they stay g_k
         self._live_grads = [(p.grad, p.grad._version) for p in self._live_params]
         del self._hypers[k:]  # a step that raised after this hook left its entry
@@ -763,7 +742,7 @@ class BudgetTracker:
         if self._fused:
             self._fused_step(k)
         with torch.no_grad():
-            for b in self._banks if not self._fused else ():
+            for b in () if self._fused else self._banks:
                 theta, _, delta = b.slots[k]
                 if b.width >= SUB_WIDTH:  # one pass per parameter
                     for i in b.held:
@@ -834,7 +813,7 @@ class BudgetTracker:
                         lr.numpy(),
                         lwd.numpy(),
                         plan.columns if cols > 1 else plan.zero_columns,
-                        plan.scale_mask.numpy(),
+                        plan.scale_mask,
                         self._acc[cls].numpy(),
                         self._angle[cls].numpy() if cls == "quadratic" else plan.no_angle,
                     )

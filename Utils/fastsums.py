@@ -52,10 +52,6 @@ except Exception:  # pragma: no cover - numba missing, disabled or unusable here
 
 _FLAGS = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}}
 
-# quantities of `product_sums` per slice, in order
-QUADRATIC = ("theta_theta", "delta_delta", "theta_grad", "theta_delta", "grad_grad")
-LINEAR = ("theta", "grad", "delta")
-
 
 @njit(**_FLAGS)
 def _square_into(x, work, row_at, mid_at):  # pragma: no cover - compiled by numba
@@ -227,26 +223,19 @@ def _linear_into(t0, t1, g, work, row_at, mid_at):  # pragma: no cover - compile
 
 
 @njit(**_FLAGS)
-def _quadratics(t0s, t1s, gs, shapes, like, work, row_at, mid_at):  # pragma: no cover - numba
-    """`_quadratic_into` for the contiguous arrays at addresses t0s, t1s, gs (int64 [n] each),
-    shaped shapes[i] (int64 [n, 3]), of the dtype of `like`."""
+def _products(t0s, t1s, gs, shapes, like, work, row_at, mid_at):  # pragma: no cover - numba
+    """`_quadratic_into` (work [5, W]) or `_linear_into` (work [3, W]) for the contiguous
+    arrays at addresses t0s, t1s, gs (int64 [n] each), shaped shapes[i] (int64 [n, 3]), of
+    the dtype of `like`."""
     for i in range(t0s.shape[0]):
         shape = (shapes[i, 0], shapes[i, 1], shapes[i, 2])
         t0 = numba.carray(_pointer(t0s[i], like), shape)
         t1 = numba.carray(_pointer(t1s[i], like), shape)
         g = numba.carray(_pointer(gs[i], like), shape)
-        _quadratic_into(t0, t1, g, work, row_at[i], mid_at[i])
-
-
-@njit(**_FLAGS)
-def _linears(t0s, t1s, gs, shapes, like, work, row_at, mid_at):  # pragma: no cover - numba
-    """`_linear_into` for the arrays at the addresses (as `_quadratics`)."""
-    for i in range(t0s.shape[0]):
-        shape = (shapes[i, 0], shapes[i, 1], shapes[i, 2])
-        t0 = numba.carray(_pointer(t0s[i], like), shape)
-        t1 = numba.carray(_pointer(t1s[i], like), shape)
-        g = numba.carray(_pointer(gs[i], like), shape)
-        _linear_into(t0, t1, g, work, row_at[i], mid_at[i])
+        if work.shape[0] == 5:
+            _quadratic_into(t0, t1, g, work, row_at[i], mid_at[i])
+        else:
+            _linear_into(t0, t1, g, work, row_at[i], mid_at[i])
 
 
 _WORKING: bool | None = None  # the kernels compiled and ran (checked once per process)
@@ -266,8 +255,8 @@ def _working() -> bool:
                 address = np.array([x.ctypes.data], dtype=np.int64)
                 shape = np.array([[2, 3, 1]], dtype=np.int64)
                 _squares(address, shape, like, work[0], *offsets)
-                _quadratics(address, address, address, shape, like, work, *offsets)
-                _linears(address, address, address, shape, like, work[:3], *offsets)
+                _products(address, address, address, shape, like, work, *offsets)
+                _products(address, address, address, shape, like, work[:3], *offsets)
                 _gather_into(address, np.array([6]), like, np.zeros(6, dtype=dtype), offsets[0])
             index = np.zeros(1, dtype=np.int64)
             _scatter(work, index, np.array([0, 1], dtype=np.int64), np.ones(1), np.zeros((5, 1)))
@@ -412,8 +401,9 @@ class SlicePlan:
 
     Args:
         members: ``(name, shape, dim, entries, sign)`` per member.
-        planes: quantities per slice (1 for `squares`, 5 for `products` of QUADRATIC, 3 for
-            LINEAR).
+        planes: quantities per slice: 1 (`squares`), 5 (`products` of scale/rescale groups:
+            theta theta, Delta Delta, theta g, theta Delta, g g) or 3 (`products` of translation
+            groups: theta, g, Delta).
         names: the order of the tensors given to `squares` / `products`.
         total: the number of group entries.
     """
@@ -535,19 +525,18 @@ class SlicePlan:
         out: np.ndarray | None = None,
         same: bool = False,
     ) -> np.ndarray:
-        """Signed group sums of the `QUADRATIC` (planes 5) or `LINEAR` (planes 3) quantities
+        """Signed group sums of the quadratic (planes 5) or linear (planes 3) quantities
         of theta_k (`before`), theta_{k+1} (`after`) and g_k (`grads`: contiguous, each of its
         parameter's dtype; read in place through its address), each a list in `names` order,
         into `out`, float64 [planes, total] (default: a buffer the next call reuses).
         `same`: the caller vouches that `before` and `after` hold the tensors of the previous
         call, with the same storage (their arrays are then not checked again)."""
-        kernel = _quadratics if self.planes == 5 else _linears
         keep: list = []
         t0s = self._call_addresses(before, keep, 0, same)
         t1s = self._call_addresses(after, keep, 1, same)
         gs = self._call_addresses(grads, keep, -1, False)
         for calls, like in self._dtype_runs(before):
-            kernel(
+            _products(
                 t0s[calls],
                 t1s[calls],
                 gs[calls],
