@@ -13,6 +13,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -261,12 +262,21 @@ class CheckpointWriter:
         run_dir: the run folder.
         background: write in a thread (True) or synchronously.
         max_pending: snapshots allowed in the queue before `save` blocks (bounds memory).
+        guard: called just before each file appears (e.g. `RunLock.check`); an exception it
+            raises leaves that file unwritten and is re-raised to the training thread.
     """
 
     _POLL = 0.05  # seconds between re-checks of every wait
 
-    def __init__(self, run_dir: str, background: bool = True, max_pending: int = 8) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        background: bool = True,
+        max_pending: int = 8,
+        guard: Callable[[], Any] | None = None,
+    ) -> None:
         self.run_dir = run_dir
+        self.guard = guard
         self.background = background
         self.max_pending = max_pending
         self.bytes_written = 0
@@ -286,7 +296,7 @@ class CheckpointWriter:
 
     def _write(self, step: int, payload: dict[str, Any]) -> None:
         path = fileio.join(checkpoint_dir(self.run_dir), checkpoint_name(step))
-        fileio.atomic_torch_save(payload, path)
+        fileio.atomic_torch_save(payload, path, self.guard)
         self.files_written += 1
         if not fileio.is_url(path):
             self.bytes_written += fileio.getsize(path)

@@ -194,7 +194,9 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(
+    path: str, write: Callable[[IO[bytes]], Any], before_commit: Callable[[], Any] | None = None
+) -> None:
     """Writes a file so that it appears complete or not at all.
 
     A local file gets the permissions of any new file (0666 less the umask), not the 0600
@@ -203,6 +205,8 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
     Args:
         path: destination (local path or fsspec URL).
         write: called with a binary file object to fill.
+        before_commit: called once the data is written, just before the file appears; an
+            exception it raises drops the temporary file and nothing appears.
 
     Raises:
         WriteError: a local write failed (disk full...); no temporary file is left behind.
@@ -213,6 +217,8 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
         if protocol in _OBJECT_STORES:
             buf = io.BytesIO()
             write(buf)
+            if before_commit is not None:
+                before_commit()
             with fs.open(p, "wb") as f:
                 f.write(buf.getvalue())
             return
@@ -220,6 +226,8 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
         try:
             with fs.open(tmp, "wb") as f:
                 write(f)
+            if before_commit is not None:
+                before_commit()
             fs.mv(tmp, p)
         except BaseException:
             if fs.exists(tmp):
@@ -237,6 +245,8 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
         os.replace(tmp, p)
     except BaseException as exc:
         if tmp and os.path.exists(tmp):
@@ -263,11 +273,11 @@ def read_json(path: str) -> Any:
         return json.loads(f.read().decode("utf-8"))
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """`torch.save` to a temporary file, then renamed into place."""
+def atomic_torch_save(obj: Any, path: str, before_commit: Callable[[], Any] | None = None) -> None:
+    """`torch.save` to a temporary file, then renamed into place (see `atomic_write`)."""
     import torch
 
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), before_commit)
 
 
 def upload(local: str, path: str) -> None:

@@ -18,9 +18,12 @@ and ``--overwrite`` can only empty that folder.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import sys
 import tempfile
+import time
 
 from Utils import fileio
 from Utils.errors import UserError
@@ -34,6 +37,7 @@ FEATURES = "features.h5"
 CACHE_DIR = "cache"
 FIGURES_DIR = "figures"
 LOCK = ".lock"
+TAKEOVER_WAIT = 60.0  # seconds --overwrite waits for the run's previous writer to stop
 # what train.py, extract.py, cache.py and plot.py write: all that --overwrite removes
 OWNED = (HYPERPARAMETERS, GROUPS, METRICS, CKPT_DIR, FEATURES, CACHE_DIR, FIGURES_DIR)
 
@@ -48,14 +52,20 @@ def check_name(name: str, flag: str) -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
+    """Whether a process with this id runs on this machine (a zombie, which has ended but
+    was not yet waited for by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the field after "(name)"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): the signal check above decides
+    return state not in (b"Z", b"X")
 
 
 class RunDir:
@@ -187,9 +197,22 @@ class RunDir:
         for name in fileio.listdir(self.path) if self.exists() else []:
             temporary = name.startswith(".") and name.endswith(".tmp")
             if name in OWNED or temporary:
-                fileio.remove(self.file(name))
+                _remove_retrying(self.file(name))
                 removed.append(name)
         return removed
+
+
+def _remove_retrying(path: str, attempts: int = 20) -> None:
+    """`fileio.remove`, retried while a process that is stopping still adds a file to the
+    folder being removed (ENOTEMPTY) or removes one itself (ENOENT)."""
+    for attempt in range(attempts):
+        try:
+            fileio.remove(path)
+            return
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.ENOENT) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
 
 
 def lock_path(run_dir: str) -> str:
@@ -245,6 +268,7 @@ class RunLock:
     def __init__(self, run_dir: str, force: bool = False) -> None:
         self.run_dir = run_dir
         self.path = lock_path(run_dir)
+        self.taken_from = 0  # the live process this lock was taken from (--overwrite)
         if not self.path:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -258,6 +282,7 @@ class RunLock:
                         f"run {run_dir} is being written by process {holder}; wait for it, "
                         "choose another --expid, or pass --overwrite"
                     ) from None
+                self.taken_from = holder
                 os.remove(self.path)
                 continue
             try:
@@ -267,6 +292,29 @@ class RunLock:
                 os.remove(self.path)
                 raise OSError(err.errno, err.strerror, self.path) from None
             return
+
+    def wait_for_previous(self, timeout: float = TAKEOVER_WAIT) -> bool:
+        """Waits until the process the lock was taken from has stopped.
+
+        That process notices the takeover within about a second (`check`) and stops writing.
+
+        Returns:
+            Whether it stopped (or there was none) within `timeout` seconds.
+        """
+        if not self.taken_from:
+            return True
+        deadline = time.monotonic() + timeout
+        if pid_alive(self.taken_from):
+            print(
+                f"--overwrite: waiting for process {self.taken_from} to stop writing "
+                f"{self.run_dir}",
+                file=sys.stderr,
+            )
+        while pid_alive(self.taken_from):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def check(self) -> None:
         """Raises `UserError` when another process took the run over (``--overwrite``)."""

@@ -80,6 +80,8 @@ from Utils.registry import parse_name_list
 from Utils.rundir import RunDir, RunLock, held_by_other, lock_path  # noqa: F401 (lock_path: API)
 from Utils.symmetry import detect
 
+LOCK_CHECK_INTERVAL = 1.0  # seconds between reads of the run's lock file in the step loop
+
 
 class TrainingDivergedError(UserError):
     """The loss became NaN or Inf."""
@@ -310,6 +312,12 @@ def _take_run_dir(plan: RunPlan) -> RunLock | None:
     if not plan.run_dir:
         return None
     lock = RunLock(plan.run_dir, force=plan.cfg["overwrite"])
+    if not lock.wait_for_previous():
+        warnings.warn(
+            f"process {lock.taken_from} still runs; it writes no further checkpoint to "
+            f"{plan.run_dir}, but stop it (scripts/kill_all.sh)",
+            stacklevel=2,
+        )
     run = RunDir.from_path(plan.run_dir)
     if plan.cfg["resume"]:
         run.remove_temporaries()  # of a killed process (checkpoints: the writer's own)
@@ -524,6 +532,7 @@ class Trainer:
         # training statistics of steps not yet read back: (step, epoch, [loss_sum, top1, n])
         self.pending: list[tuple[int, int, torch.Tensor]] = []
         self.lock: RunLock | None = None
+        self._next_lock_check = 0.0
         self.writer: CheckpointWriter | None = None
         self.run_dir = ""
 
@@ -703,7 +712,10 @@ class Trainer:
         """The epochs of this invocation, with checkpoints and evaluations; the result."""
         cfg, ctx = self.cfg, self.ctx
         if self.run_dir and ctx.is_master:
-            self.writer = CheckpointWriter(self.run_dir, background=not cfg["sync_save"])
+            guard = self.lock.check if self.lock is not None else None
+            self.writer = CheckpointWriter(
+                self.run_dir, background=not cfg["sync_save"], guard=guard
+            )
         t0 = time.perf_counter()
         result = None
         try:
@@ -734,6 +746,7 @@ class Trainer:
             first = start_batch if epoch == start_epoch else 0
             for index, (x, y) in enumerate(batches(self.data.train, epoch, first, self.device)):
                 self.train_step(x, y, first + index)
+                self._check_lock()
                 if self._due(self.step):
                     metrics = self.checkpoint_and_eval()
                     if not math.isnan(metrics["test_loss"]):
@@ -741,6 +754,14 @@ class Trainer:
         if self.on_xla:
             xla.sync()
         self.read_statistics()
+
+    def _check_lock(self) -> None:
+        """Stops (`UserError`) within about a second once another process took the run over
+        with --overwrite; the lock file is read at most once a second."""
+        now = time.monotonic()
+        if self.lock is not None and now >= self._next_lock_check:
+            self._next_lock_check = now + LOCK_CHECK_INTERVAL
+            self.lock.check()
 
     def _due(self, step: int) -> bool:
         return step % self.eval_every == 0 or step in self.save_at or step == self.total_steps

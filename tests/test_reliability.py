@@ -948,3 +948,87 @@ def test_resume_removes_temporaries_of_the_json_files(small_reference, tmp_path)
     (run / "notes.tmp").write_text("mine")
     train({**SMALL, "expid": "j", "save_dir": str(tmp_path), "resume": True})
     assert hidden(run) == [] and (run / "notes.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- takeover
+
+
+def test_a_zombie_process_is_not_alive():
+    """A child that ended but was not yet waited for (a zombie) no longer holds a run."""
+    from Utils.rundir import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert not pid_alive(child.pid)
+        assert pid_alive(os.getpid())
+    finally:
+        child.wait()
+
+
+def test_overwrite_waits_for_the_previous_writer(tmp_path):
+    """--overwrite takes the lock of a live process, then waits (up to a limit) until it ends."""
+    from Utils.rundir import RunLock
+
+    for seconds, timeout, stopped in ((0.5, 60.0, True), (60.0, 0.3, False)):
+        holder = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+        try:
+            (tmp_path / ".lock").write_text(str(holder.pid))
+            with pytest.raises(UserError, match="--overwrite"):
+                RunLock(str(tmp_path))
+            lock = RunLock(str(tmp_path), force=True)
+            assert lock.taken_from == holder.pid
+            assert (tmp_path / ".lock").read_text() == str(os.getpid())
+            assert lock.wait_for_previous(timeout) is stopped
+            assert (holder.poll() is not None) is stopped
+            lock.release()
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_taken_over_writer_publishes_no_checkpoint(tmp_path):
+    """A checkpoint writer whose run was taken over leaves no file, not even a temporary."""
+    from Utils.checkpoint import CheckpointWriter
+    from Utils.rundir import RunLock
+
+    run = str(tmp_path / "run")
+    for background in (True, False):
+        lock = RunLock(run)
+        writer = CheckpointWriter(run, background=background, guard=lock.check)
+        writer.save(0, {"w": torch.ones(3)})
+        writer.flush()
+        (tmp_path / "run" / ".lock").write_text("1")  # another process took the run over
+        with pytest.raises(UserError, match="taken over"):
+            writer.save(1, {"w": torch.zeros(3)})
+            writer.close()
+        writer.abort()
+        assert sorted(os.listdir(tmp_path / "run" / "ckpt")) == ["step_00000000.pt"]
+        shutil.rmtree(tmp_path / "run")
+
+
+def test_clear_retries_while_a_stopping_writer_adds_a_file(tmp_path, monkeypatch):
+    """Emptying a run folder survives a file that appears while its ckpt/ is being removed."""
+    from Utils.rundir import RunDir
+
+    run = tmp_path / "e" / "r"
+    (run / "ckpt").mkdir(parents=True)
+    (run / "ckpt" / "step_00000000.pt").write_bytes(b"x")
+    (run / "mine.txt").write_text("keep me")
+    real = shutil.rmtree
+    calls = []
+
+    def racing_rmtree(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:  # as a stopping writer would: a new file lands mid-removal
+            (Path(path) / ".step_00000001.pt.abc.tmp").write_bytes(b"y")
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", racing_rmtree)
+    removed = RunDir(str(tmp_path), "e", "r").clear()
+    assert removed == ["ckpt"] and len(calls) == 2
+    assert sorted(os.listdir(run)) == ["mine.txt"]
