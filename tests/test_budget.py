@@ -159,27 +159,27 @@ def unsigned_magnitude(g: SymmetryGroup, params) -> np.ndarray:
     plain = SymmetryGroup(
         g.kind, g.name, g.size, tuple(Member(m.param, m.dim, m.block, m.offset) for m in g.members)
     )
-    wide = {n: params[n].detach().double() for n in g.params}
+    wide = {n: params[n].detach().double().cpu() for n in g.params}
     if g.kind == "translation":
         return group_sum({n: t.abs() for n, t in wide.items()}, plain).numpy()
     return group_sum({n: t * t for n, t in wide.items()}, plain).numpy()
 
 
-def budget_run(name: str, dtype: torch.dtype, steps: int = 25):
+def budget_run(name: str, dtype: torch.dtype, steps: int = 25, device: str = "cpu"):
     """Trains SymNet with a budget; per step: max relative identity error per group, terms."""
     torch.manual_seed(0)
-    model = SymNet().to(dtype)
+    model = SymNet().to(device=device, dtype=dtype)
     named = list(model.named_parameters())
     params = dict(named)
     opt = make_optimizer(name, named)
     tracker = BudgetTracker(opt, named, SYM_GROUPS)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(128, 8, generator=gen).to(dtype)
-    y = torch.randint(0, 3, (128,), generator=gen)
+    x = torch.randn(128, 8, generator=gen).to(device=device, dtype=dtype)
+    y = torch.randint(0, 3, (128,), generator=gen).to(device)
     worst = {g.key: 0.0 for g in SYM_GROUPS}
     per_step = []
     for _ in range(steps):
-        before = {g.key: theory.measure(g, params).numpy() for g in SYM_GROUPS}
+        before = {g.key: theory.measure(g, params).cpu().numpy() for g in SYM_GROUPS}
         cum = tracker.snapshot()
         idx = torch.randint(0, 128, (32,), generator=gen)
         opt.zero_grad()
@@ -188,7 +188,7 @@ def budget_run(name: str, dtype: torch.dtype, steps: int = 25):
         now = tracker.snapshot()
         terms = {}
         for g in SYM_GROUPS:
-            change = theory.measure(g, params).numpy() - before[g.key]
+            change = theory.measure(g, params).cpu().numpy() - before[g.key]
             parts = {t: now[g.key][t] - cum[g.key][t] for t in TERMS}
             total = sum(parts.values())
             err = np.abs(total - change) / unsigned_magnitude(g, params)
@@ -322,7 +322,7 @@ def scheduled_run(dtype: torch.dtype, pending: int, read_every_step: bool, via_d
             jump += theory.measure(SYM_GROUPS[0], params).numpy()
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[k]), y[k]).backward()
-        before = {g.key: theory.measure(g, params).numpy() for g in SYM_GROUPS}
+        before = {g.key: theory.measure(g, params).cpu().numpy() for g in SYM_GROUPS}
         cum = tracker.snapshot() if read_every_step else None
         opt.step()
         scheduler.step()

@@ -51,10 +51,13 @@ TRAIN_FLAGS = [
 ]
 
 
-def make_run(save_dir: Path, model: str, buffers: str, expid: str = "a") -> Path:
+def make_run(
+    save_dir: Path, model: str, buffers: str, expid: str = "a", device: str = "auto"
+) -> Path:
     """Trains and extracts a tiny run; returns its folder."""
     flags = ["--experiment", "t", "--expid", expid, "--save-dir", str(save_dir)]
-    assert train.main([*flags, "--model", model, *TRAIN_FLAGS, "--save-buffers", buffers]) == 0
+    model_flags = ["--model", model, "--device", device]
+    assert train.main([*flags, *model_flags, *TRAIN_FLAGS, "--save-buffers", buffers]) == 0
     assert extract.main([*flags, "--no-progress"]) == 0
     return save_dir / "t" / expid
 

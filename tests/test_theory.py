@@ -113,7 +113,7 @@ def hand_groups() -> list[SymmetryGroup]:
 
 def magnitude(group: SymmetryGroup, params: dict[str, torch.Tensor]) -> np.ndarray:
     """The natural size of a group's measured quantity (see the module docstring)."""
-    wide = {n: params[n].detach().double() for n in group.params}
+    wide = {n: params[n].detach().double().cpu() for n in group.params}
     unsigned = SymmetryGroup(
         group.kind,
         group.name,
@@ -125,7 +125,9 @@ def magnitude(group: SymmetryGroup, params: dict[str, torch.Tensor]) -> np.ndarr
     return group_sum({n: t * t for n, t in wide.items()}, unsigned).numpy()
 
 
-def train(config: dict, dtype: torch.dtype, steps: int = STEPS, record: bool = False) -> dict:
+def train(
+    config: dict, dtype: torch.dtype, steps: int = STEPS, record: bool = False, device: str = "cpu"
+) -> dict:
     """Trains `TwoBranch` with TrackingSGD and a MultiStepLR drop (x0.1) at step DROP.
 
     Returns:
@@ -141,6 +143,7 @@ def train(config: dict, dtype: torch.dtype, steps: int = STEPS, record: bool = F
     x = torch.randn(64, 8, dtype=dtype)
     y = torch.randn(64, 1, 8, 8, dtype=dtype)
     labels = torch.randint(0, 3, (64,))
+    model, x, y, labels = model.to(device), x.to(device), y.to(device), labels.to(device)
     opt = build_optimizer("custom_sgd", list(model.named_parameters()), groups=groups, **config)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [DROP], 0.1)
     params = dict(model.named_parameters())
@@ -154,7 +157,7 @@ def train(config: dict, dtype: torch.dtype, steps: int = STEPS, record: bool = F
         if k % RECORD == 0 or k == steps:
             snap = opt.theory_snapshot()
             for g in groups:
-                diff = np.abs(theory.measure(g, params).numpy() - snap[g.key]["exact"])
+                diff = np.abs(theory.measure(g, params).cpu().numpy() - snap[g.key]["exact"])
                 errors[g.key] = max(errors[g.key], float((diff / magnitude(g, params)).max()))
                 strict[g.key] = max(
                     strict[g.key], float((diff / np.abs(snap[g.key]["exact"])).max())
@@ -559,7 +562,7 @@ def train_new(dtype: torch.dtype, steps: int = 300) -> dict[str, float]:
         if k % 50 == 0 or k == steps:
             snap = opt.theory_snapshot()
             for g in groups:
-                diff = np.abs(theory.measure(g, params).numpy() - snap[g.key]["exact"])
+                diff = np.abs(theory.measure(g, params).cpu().numpy() - snap[g.key]["exact"])
                 errors[g.key] = max(errors[g.key], float((diff / magnitude(g, params)).max()))
         if k == steps:
             break
