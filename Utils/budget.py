@@ -404,15 +404,16 @@ class _Plan:
 
         Args:
             shapes: parameter name -> shape.
-            names: the order of the tensor lists given to `step_sums`.
+            names: the order of the address lists given to ``fused.products_at``.
             pending: steps kept.
         """
+        slices = list(_member_slices(self.groups, shapes))
         members = [
-            (m.param, shapes[m.param], dim, entries, float(m.sign))
-            for _, m, dim, entries in _member_slices(self.groups, shapes)
+            (m.param, shapes[m.param], dim, entries, float(m.sign)) for _, m, dim, entries in slices
         ]
+        scale = [g.kind == "scale" for g, _, _, _ in slices]  # |g|^2: scale groups only
         planes = 3 if self.groups[0].kind == "translation" else 5
-        self.fused = fastsums.SlicePlan(members, planes, names, self.total)
+        self.fused = fastsums.SlicePlan(members, planes, names, self.total, gg=scale)
         self.sums = np.zeros((pending, planes, self.total))
         self.scale_mask = np.array(  # |g|^2 is summed for the entries of scale groups
             [float(g.kind == "scale") for g in self.groups for _ in range(g.size)]
@@ -420,11 +421,6 @@ class _Plan:
         self.columns = np.arange(self.total, dtype=np.int64)  # rates per entry
         self.zero_columns = np.zeros(self.total, dtype=np.int64)  # one rate for all
         self.no_angle = np.zeros(self.total)
-
-    def step_sums(self, k: int, before, after, grads, same: bool) -> None:
-        """The fused group sums of one step (lists of tensors in the `fuse` order) into slot k;
-        `same`: the lists hold the tensors of the previous step, with the same storage."""
-        self.fused.products(before, after, grads, self.sums[k], same)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-group views of a [total] vector."""
@@ -625,10 +621,14 @@ class BudgetTracker:
         if self._fused:
             for plan in self._plans.values():
                 plan.fuse(shapes, self._names, self.pending)
+                plan.fused.bind(self._params)
             self._pointers: list[int] = []  # storage of the parameters at the last step
+            self._t1: np.ndarray | None = None  # their addresses (None: not contiguous)
             self._before_list = [t for b in self._banks for t in b.slots[0][0]]  # theta_k
             self._theta_copies = [fastsums.FlatCopy(b.params, b.buffer[0, 0]) for b in self._banks]
             self._grad_list = [t for b in self._banks for t in b.slots[0][1]]  # g_k
+            self._t0 = fastsums.addresses(self._before_list, [])  # the tracker's own buffers
+            self._g_slots = fastsums.addresses(self._grad_list, [])
         self._set_live()
         self._count = 0  # steps buffered
         self._hypers: list[tuple[tuple[float, float], ...]] = []  # (lr, wd) per step, pg
@@ -637,7 +637,7 @@ class BudgetTracker:
         """With one buffered step, large parameters (chunked by rows) of the quadratic plan are
         read live at the flush: their g_k and Delta_k are not buffered (two passes fewer)."""
         if self._fused:  # g_k read in place after the step, unless it is seen to change
-            self._live_params = list(self._params) if self._live_allowed else []
+            self._live_params = []  # (the fused hooks check the gradients themselves)
             return
         live = self.pending == 1 and self._live_allowed
         sources = [src for plan in self._plans.values() for src in plan.sources]
@@ -714,21 +714,27 @@ class BudgetTracker:
 
     def _fused_before(self, grads: list[torch.Tensor]) -> None:
         """`_before` with the fused kernels: copies theta_k (and g_k when it cannot be read in
-        place after the step), notes the gradients' versions, the step's lr and decay."""
-        with torch.no_grad():
-            # the parameters keep their storage unless replaced (e.g. p.data = ...): checked
-            # once per step for every kernel call
-            pointers = [p.data_ptr() for p in self._params]
-            self._same, self._pointers = pointers == self._pointers, pointers
-            if self._live_params and all(g.is_contiguous() for g in grads):
-                for copy in self._theta_copies:
-                    copy(self._same)
-                self._step_grads = grads
-                self._live_grads = [(g, g._version) for g in grads]
-            else:
+        place after the step), notes the gradients' addresses and versions, the step's lr and
+        decay. Kept lean: it runs at every step."""
+        # the parameters keep their storage unless replaced (e.g. p.data = ...): checked here
+        # and after the step
+        pointers = [p.data_ptr() for p in self._params]
+        same = pointers == self._pointers
+        if not same:
+            self._pointers = pointers
+            contiguous = all(p.is_contiguous() for p in self._params)
+            self._t1 = np.array(pointers, dtype=np.int64) if contiguous else None
+        if self._live_allowed and self._t1 is not None and all(g.is_contiguous() for g in grads):
+            for copy in self._theta_copies:
+                copy(same)
+            self._g = np.array([g.data_ptr() for g in grads], dtype=np.int64)
+            self._step_grads = grads  # alive, and checked unchanged after the step
+            self._versions = [g._version for g in grads]
+        else:
+            with torch.no_grad():
                 torch._foreach_copy_(self._before_list + self._grad_list, self._params + grads)
-                self._step_grads = self._grad_list
-                self._live_grads = []
+            self._g = self._g_slots
+            self._step_grads = None
         del self._hypers[self._count :]  # a step that raised after this hook left its entry
         self._hypers.append(tuple(self._hyper(i) for i in self._pgs))
         self._open = True
@@ -741,6 +747,11 @@ class BudgetTracker:
         k = self._count
         if self._fused:
             self._fused_step(k)
+            grads = self._step_grads
+            changed = grads is not None and (
+                [g._version for g in grads] != self._versions
+                or any(p.grad is not g for p, g in zip(self._params, grads))
+            )
         with torch.no_grad():
             for b in () if self._fused else self._banks:
                 theta, _, delta = b.slots[k]
@@ -750,11 +761,11 @@ class BudgetTracker:
                 else:  # few calls
                     torch._foreach_copy_([delta[i] for i in b.held], [b.params[i] for i in b.held])
                     b.buffer[2, k].sub_(b.buffer[0, k])  # Delta_k [N]
-        changed = [
-            p
-            for p, (g, v) in zip(self._live_params, self._live_grads)
-            if p.grad is not g or g._version != v
-        ]
+        if not self._fused:
+            changed = any(
+                p.grad is not g or g._version != v
+                for p, (g, v) in zip(self._live_params, self._live_grads)
+            )
         if changed:
             warnings.warn(
                 f"budget: {type(optimizer).__name__}.step() changed p.grad in place, so the "
@@ -774,9 +785,13 @@ class BudgetTracker:
         """Step k's group sums by the fused kernels (theta_k from slot 0, copied by the
         pre-hook; theta_{k+1} from the parameters; g_k from the gradients, or from slot 0 once
         an optimizer was seen changing them)."""
-        with torch.no_grad():  # theta_k: the tracker's own buffers; the parameters: `_same`
-            for plan in self._plans.values():
-                plan.step_sums(k, self._before_list, self._params, self._step_grads, self._same)
+        keep: list = []
+        t1 = self._t1
+        if t1 is None or [p.data_ptr() for p in self._params] != self._pointers:
+            with torch.no_grad():  # replaced during the step, or not contiguous
+                t1 = fastsums.addresses(self._params, keep)
+        for plan in self._plans.values():
+            plan.fused.products_at(self._t0, t1, self._g, plan.sums[k])
 
     def _rates(self, cls: str, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eta_k and eta_k lam of the first `pending` buffered steps: float64 [pending, 1], or

@@ -572,3 +572,61 @@ def test_group_across_param_groups_with_equal_hyperparameters():
             np.testing.assert_allclose(snap["exact"], measured, rtol=1e-12)
     assert [g.valid for g in opt.groups] == [False, True, True]
     assert "diverged" in opt.groups[0].reason
+
+
+def test_fused_products_equal_a_numpy_reference():
+    """`SlicePlan.products` against numpy loops: the five budget planes (g g only where asked)
+    and the three translation planes, with float32 and float64 tensors in one plan (one
+    compiled call per dtype), rows, columns and whole-tensor members, signs."""
+    from Utils.fastsums import SlicePlan
+
+    rng = np.random.default_rng(5)
+    shapes = {"w": (6, 7), "b": (6,), "v": (3, 6), "u": (4, 2, 3)}
+    dtypes = {"w": np.float32, "b": np.float32, "v": np.float64, "u": np.float64}
+    t0 = {n: rng.standard_normal(s).astype(dtypes[n]) for n, s in shapes.items()}
+    t1 = {n: (a + 0.01 * rng.standard_normal(a.shape)).astype(a.dtype) for n, a in t0.items()}
+    g = {n: rng.standard_normal(a.shape).astype(a.dtype) for n, a in t0.items()}
+    # (param, kept axis or None, entries, sign, wants g g)
+    layout = [
+        ("w", 0, range(0, 6), 1.0, True),
+        ("b", 0, range(0, 6), 1.0, True),
+        ("w", 0, range(6, 12), 1.0, False),
+        ("v", 1, range(6, 12), -1.0, False),
+        ("u", 1, range(12, 14), 1.0, True),
+        ("v", None, [14], 1.0, False),
+    ]
+    names = list(shapes)
+    members = [(n, shapes[n], d, list(e), s) for n, d, e, s, _ in layout]
+    tensors = {
+        k: [torch.from_numpy(v[n]) for n in names] for k, v in (("0", t0), ("1", t1), ("g", g))
+    }
+
+    def reference(planes: int) -> np.ndarray:
+        out = np.zeros((planes, 15))
+        for n, d, entries, sign, wants in layout:
+            a, b, c = (x[n].astype(np.float64) for x in (t0, t1, g))
+            delta = b - a
+            if planes == 5:
+                parts = [a * a, delta * delta, a * c, a * delta, c * c if wants else 0 * c]
+            else:
+                parts = [a, c, delta]
+            for q, part in enumerate(parts):
+                axes = tuple(i for i in range(part.ndim) if i != d)
+                sums = part.sum(axis=axes) if d is not None else np.array([part.sum()])
+                for e, value in zip(entries, sums):
+                    out[q, e] += sign * value
+        return out
+
+    for planes in (5, 3):
+        plan = SlicePlan(members, planes, names, 15, gg=[w for *_, w in layout])
+        got = plan.products(tensors["0"], tensors["1"], tensors["g"]).copy()
+        assert len(plan.bind(tensors["0"])) == 2  # one run per dtype
+        want = reference(planes)
+        if planes == 5:
+            # g g: exact where asked, 0 where no pass asked for it; entries 6-11 mix a member
+            # read in a pass that computes it (w rows) with one whose pass does not
+            asked = [*range(6), 12, 13]
+            np.testing.assert_allclose(got[4, asked], want[4, asked], rtol=1e-12, atol=1e-12)
+            assert got[4, 14] == 0.0
+            got, want = got[:4], want[:4]
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
