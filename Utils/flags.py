@@ -186,15 +186,20 @@ def main_wrapper(main, argv: list[str] | None = None, interrupted: str = "interr
             code = int(main(argv) or 0)
             interrupt.check()  # an interrupt that a finalizer swallowed still counts
             return code
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except OSError as err:
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as err:
         print(interrupted, file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
+    except Exception as err:
+        if interrupt.pending():  # an interrupt turned into another error (e.g. the ImportError
+            print(interrupted, file=sys.stderr)  # of a module whose import it broke)
+            return 130
+        if isinstance(err, UserError):
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+        if isinstance(err, OSError):
+            print(f"error: {os_error_message(err)}", file=sys.stderr)
+            return 1
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -1032,3 +1032,26 @@ def test_clear_retries_while_a_stopping_writer_adds_a_file(tmp_path, monkeypatch
     removed = RunDir(str(tmp_path), "e", "r").clear()
     assert removed == ["ckpt"] and len(calls) == 2
     assert sorted(os.listdir(run)) == ["mine.txt"]
+
+
+def test_an_interrupt_that_breaks_an_import_is_an_interrupt(capsys):
+    """Ctrl-C while numpy (or torch) is being imported surfaces as an ImportError (numpy:
+    "PyCapsule_Import could not import module datetime"): still exit 130 and one line."""
+    import signal
+
+    from Utils.flags import main_wrapper
+
+    def main(argv):
+        try:
+            signal.raise_signal(signal.SIGINT)  # arrives inside the import
+        except KeyboardInterrupt:
+            raise ImportError('PyCapsule_Import could not import module "datetime"') from None
+        return 0
+
+    def broken(argv):
+        raise ImportError("no module named nothing")  # no interrupt: a real error stays one
+
+    assert main_wrapper(main, [], interrupted="interrupted; rerun") == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted; rerun"]
+    with pytest.raises(ImportError, match="nothing"):
+        main_wrapper(broken, [])
