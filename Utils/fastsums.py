@@ -501,7 +501,6 @@ class SlicePlan:
         self._positions = np.array([c[0] for c in calls], dtype=np.int64)
         self._shapes = np.array([c[1] for c in calls], dtype=np.int64).reshape(-1, 3)
         self._runs: list[tuple] | None = None  # calls of one dtype
-        self._kept: list[np.ndarray | None] = [None, None]  # addresses of the reused lists
 
     def bind(self, tensors: Sequence) -> list[tuple]:
         """Groups the calls by the dtype of their tensor (the first call's tensors decide).
@@ -527,22 +526,11 @@ class SlicePlan:
             ]
         return self._runs
 
-    def _list_addresses(self, tensors: Sequence, keep: list, slot: int, same: bool):
-        """int64 [len(names)]: the data addresses of the tensors (reused from the last call
-        with `same`)."""
-        kept = self._kept[slot] if slot >= 0 else None
-        if same and kept is not None:
-            return kept
-        found = addresses(tensors, keep)
-        if slot >= 0:
-            self._kept[slot] = None if keep else found
-        return found
-
     def squares(self, tensors: Sequence, out: np.ndarray | None = None) -> np.ndarray:
         """Signed group sums of x^2 of the tensors (in `names` order) into `out`, float64
         [1, total] (default: a buffer that the next call reuses)."""
-        keep: list = []
-        at = self._list_addresses(tensors, keep, -1, False)
+        keep: list = []  # contiguous copies: alive until the kernels ran
+        at = addresses(tensors, keep)
         work = self.work[0]
         for pos, like, shapes, row_at, mid_at, _ in self.bind(tensors):
             _squares(at[pos], shapes, like, work, row_at, mid_at)
@@ -556,18 +544,13 @@ class SlicePlan:
         after: Sequence,
         grads: Sequence,
         out: np.ndarray | None = None,
-        same: bool = False,
     ) -> np.ndarray:
         """Signed group sums of the quadratic (planes 5) or linear (planes 3) quantities
         of theta_k (`before`), theta_{k+1} (`after`) and g_k (`grads`: contiguous, each of its
         parameter's dtype; read in place through its address), each a list in `names` order,
-        into `out`, float64 [planes, total] (default: a buffer the next call reuses).
-        `same`: the caller vouches that `before` and `after` hold the tensors of the previous
-        call, with the same storage (their arrays are then not checked again)."""
-        keep: list = []
-        t0s = self._list_addresses(before, keep, 0, same)
-        t1s = self._list_addresses(after, keep, 1, same)
-        gs = self._list_addresses(grads, keep, -1, False)
+        into `out`, float64 [planes, total] (default: a buffer the next call reuses)."""
+        keep: list = []  # contiguous copies: alive until the kernels ran
+        t0s, t1s, gs = (addresses(ts, keep) for ts in (before, after, grads))
         self.bind(before)
         return self.products_at(t0s, t1s, gs, out)
 
