@@ -45,12 +45,11 @@ the step, and optimizers such as L-BFGS move theta several times): the tracker r
 `UsageError` saying so instead of writing a wrong budget.
 
 Cost: on the CPU with numba (`Utils.fastsums`), the pre-hook copies theta_k of the tracked
-parameters (one call) and the post-hook reads theta_k, theta_{k+1} and g_k (in place) once per
-parameter in a fused float64 kernel that writes every group sum of the step (Delta_k formed in
-float64); only these sums are kept, and every `BudgetTracker.pending` steps (up to
-`FUSED_PENDING`) one more kernel adds their terms to the cumulative sums in step order. An
-optimizer that changes ``p.grad`` in place is caught (version counters), said once, and the
-gradients are copied before each step from then on.
+parameters and sums theta_k and g_k (g_k read in place, before the optimizer can change it)
+per slice, and the post-hook sums theta_k and theta_{k+1} (Delta_k formed in float64): one
+compiled call each, for the groups of every kind, that writes every group sum of the step; only
+these sums are kept, and every `BudgetTracker.pending` steps (up to `FUSED_PENDING`) one more
+kernel adds their terms to the cumulative sums in step order.
 
 Elsewhere (GPU, no numba) the hooks copy theta_k and g_k (before) and Delta_k (after) into
 buffers. Every `BudgetTracker.pending` steps
@@ -390,37 +389,42 @@ class _Plan:
                             grad_index += entries
                             grad_sign += [sg] * len(entries)
         self.device = device
-        self.fused: fastsums.SlicePlan | None = None  # set by the tracker (`fuse`)
+        self.fused = False  # set by the tracker (`fuse`)
         self.sums = np.zeros((0, 0, 0))  # fused: [pending, planes, total] per buffered step
         self.index = torch.tensor(index, dtype=torch.long, device=device)
         self.sign = torch.tensor(sign, dtype=torch.float64, device=device)
         self.grad_index = torch.tensor(grad_index, dtype=torch.long, device=device)
         self.grad_sign = torch.tensor(grad_sign, dtype=torch.float64, device=device)
 
-    def fuse(self, shapes: Mapping[str, tuple[int, ...]], names: Sequence[str], pending: int):
-        """Takes each step's group sums at its post-hook by the fused CPU kernels
-        (`Utils.fastsums`): one pass over theta_k, theta_{k+1} and g_k per parameter, float64,
-        kept per step in `sums` until the flush.
+    def fuse(self, shapes: Mapping[str, tuple[int, ...]], start: int, sums: np.ndarray) -> list:
+        """Takes each step's group sums by the fused CPU kernels (`Utils.fastsums`): one pass
+        over theta_k and g_k before the step and one over theta_k and theta_{k+1} after it per
+        parameter, float64, kept per step until the flush. One `fastsums.SlicePlan` serves
+        every kind class: this one's entries sit at `start` in it.
 
         Args:
             shapes: parameter name -> shape.
-            names: the order of the address lists given to ``fused.products_at``.
-            pending: steps kept.
+            start: the first entry of this class's groups in the tracker's plan.
+            sums: float64 [pending, 5, entries of all classes]: the tracker's per-step sums;
+                this class reads its planes and entries of it.
+
+        Returns:
+            ``(name, shape, dim, entries, sign, wants g g, linear)`` per member.
         """
-        slices = list(_member_slices(self.groups, shapes))
-        members = [
-            (m.param, shapes[m.param], dim, entries, float(m.sign)) for _, m, dim, entries in slices
-        ]
-        scale = [g.kind == "scale" for g, _, _, _ in slices]  # |g|^2: scale groups only
-        planes = 3 if self.groups[0].kind == "translation" else 5
-        self.fused = fastsums.SlicePlan(members, planes, names, self.total, gg=scale)
-        self.sums = np.zeros((pending, planes, self.total))
+        linear = self.groups[0].kind == "translation"
+        self.fused = True
+        self.sums = sums[:, : 3 if linear else 5, start : start + self.total]
         self.scale_mask = np.array(  # |g|^2 is summed for the entries of scale groups
             [float(g.kind == "scale") for g in self.groups for _ in range(g.size)]
         )
         self.columns = np.arange(self.total, dtype=np.int64)  # rates per entry
         self.zero_columns = np.zeros(self.total, dtype=np.int64)  # one rate for all
         self.no_angle = np.zeros(self.total)
+        return [
+            (m.param, shapes[m.param], dim, [start + e for e in entries], float(m.sign))
+            + (g.kind == "scale", linear)
+            for g, m, dim, entries in _member_slices(self.groups, shapes)
+        ]
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-group views of a [total] vector."""
@@ -619,25 +623,43 @@ class BudgetTracker:
         for b in self._banks:
             b.alloc(1 if self._fused else self.pending, shapes, self._fused)
         if self._fused:
-            for plan in self._plans.values():
-                plan.fuse(shapes, self._names, self.pending)
-                plan.fused.bind(self._params)
-            self._pointers: list[int] = []  # storage of the parameters at the last step
-            self._t1: np.ndarray | None = None  # their addresses (None: not contiguous)
-            self._before_list = [t for b in self._banks for t in b.slots[0][0]]  # theta_k
-            self._theta_copies = [fastsums.FlatCopy(b.params, b.buffer[0, 0]) for b in self._banks]
-            self._grad_list = [t for b in self._banks for t in b.slots[0][1]]  # g_k
-            self._t0 = fastsums.addresses(self._before_list, [])  # the tracker's own buffers
-            self._g_slots = fastsums.addresses(self._grad_list, [])
+            self._fuse(shapes)
         self._set_live()
         self._count = 0  # steps buffered
         self._hypers: list[tuple[tuple[float, float], ...]] = []  # (lr, wd) per step, pg
 
+    def _fuse(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Sets up the fused kernels: one `fastsums.SlicePlan` for the groups of every kind
+        class, the per-step sums, the addresses of the tracker's copy of theta_k and g_k."""
+        entries = sum(plan.total for plan in self._plans.values())
+        self._sums = np.zeros((self.pending, 5, entries))  # per buffered step
+        members, start = [], 0
+        for plan in self._plans.values():
+            members += plan.fuse(shapes, start, self._sums)
+            start += plan.total
+        self._slices = fastsums.SlicePlan(
+            [m[:5] for m in members],
+            5,
+            self._names,
+            entries,
+            gg=[m[5] for m in members],
+            linear=[m[6] for m in members],
+        )
+        self._slices.bind(self._params)
+        self._pointers: list[int] = []  # storage of the parameters at the last step
+        self._t1: np.ndarray | None = None  # their addresses (None: not contiguous)
+        self._copies = np.zeros((0, 3), dtype=np.int64)  # theta_k -> slot 0: memcpy's
+        self._before_list = [t for b in self._banks for t in b.slots[0][0]]  # theta_k
+        self._grad_list = [t for b in self._banks for t in b.slots[0][1]]  # g_k
+        self._t0 = fastsums.addresses(self._before_list, [])  # the tracker's own buffers
+        self._g_slots = fastsums.addresses(self._grad_list, [])
+        self._nbytes = np.array([p.numel() * p.element_size() for p in self._params])
+
     def _set_live(self) -> None:
         """With one buffered step, large parameters (chunked by rows) of the quadratic plan are
         read live at the flush: their g_k and Delta_k are not buffered (two passes fewer)."""
-        if self._fused:  # g_k read in place after the step, unless it is seen to change
-            self._live_params = []  # (the fused hooks check the gradients themselves)
+        if self._fused:  # g_k is summed before the step
+            self._live_params = []
             return
         live = self.pending == 1 and self._live_allowed
         sources = [src for plan in self._plans.values() for src in plan.sources]
@@ -688,17 +710,19 @@ class BudgetTracker:
                 "step() without a closure, or track no budget"
             )
         self._open = False
-        if any(p.grad is None for b in self._banks for p in b.params):
+        grads = [p.grad for p in self._params]
+        if any(g is None for g in grads):
             no_grad = {}
             for g in self.groups:
                 missing = [n for n in g.params if self._by_name[n].grad is None]
                 if missing:
                     no_grad[g.key] = f"'{missing[0]}' had no gradient at step {self.step}"
             self._drop(no_grad)
+            grads = [p.grad for p in self._params]
         if not self._plans:
             return
         if self._fused:
-            self._fused_before([p.grad for p in self._params])
+            self._fused_before(grads)
             return
         k = self._count
         with torch.no_grad():
@@ -713,28 +737,25 @@ class BudgetTracker:
         self._open = True
 
     def _fused_before(self, grads: list[torch.Tensor]) -> None:
-        """`_before` with the fused kernels: copies theta_k (and g_k when it cannot be read in
-        place after the step), notes the gradients' addresses and versions, the step's lr and
-        decay. Kept lean: it runs at every step."""
+        """`_before` with the fused kernels: copies theta_k and takes the sums of theta_k and
+        g_k (g_k read in place, so an optimizer may change it during the step) in one compiled
+        call; notes the step's lr and decay. Kept lean: it runs at every step."""
         # the parameters keep their storage unless replaced (e.g. p.data = ...): checked here
         # and after the step
         pointers = [p.data_ptr() for p in self._params]
-        same = pointers == self._pointers
-        if not same:
+        if pointers != self._pointers:
             self._pointers = pointers
             contiguous = all(p.is_contiguous() for p in self._params)
             self._t1 = np.array(pointers, dtype=np.int64) if contiguous else None
-        if self._live_allowed and self._t1 is not None and all(g.is_contiguous() for g in grads):
-            for copy in self._theta_copies:
-                copy(same)
-            self._g = np.array([g.data_ptr() for g in grads], dtype=np.int64)
-            self._step_grads = grads  # alive, and checked unchanged after the step
-            self._versions = [g._version for g in grads]
+            if contiguous:
+                self._copies = np.stack([self._t0, self._t1, self._nbytes], axis=1)
+        if self._t1 is not None and all(map(torch.Tensor.is_contiguous, grads)):
+            at = np.array([g.data_ptr() for g in grads], dtype=np.int64)
+            self._slices.before_at(self._t0, at, self._copies)
         else:
             with torch.no_grad():
                 torch._foreach_copy_(self._before_list + self._grad_list, self._params + grads)
-            self._g = self._g_slots
-            self._step_grads = None
+            self._slices.before_at(self._t0, self._g_slots)
         del self._hypers[self._count :]  # a step that raised after this hook left its entry
         self._hypers.append(tuple(self._hyper(i) for i in self._pgs))
         self._open = True
@@ -745,15 +766,15 @@ class BudgetTracker:
             return
         self._open = False
         k = self._count
-        if self._fused:
+        if self._fused:  # g_k was summed before the step: a change of p.grad does not matter
             self._fused_step(k)
-            grads = self._step_grads
-            changed = grads is not None and (
-                [g._version for g in grads] != self._versions
-                or any(p.grad is not g for p, g in zip(self._params, grads))
-            )
+            self._count += 1
+            self.step += 1
+            if self._count == self.pending:
+                self._flush()
+            return
         with torch.no_grad():
-            for b in () if self._fused else self._banks:
+            for b in self._banks:
                 theta, _, delta = b.slots[k]
                 if b.width >= SUB_WIDTH:  # one pass per parameter
                     for i in b.held:
@@ -761,11 +782,10 @@ class BudgetTracker:
                 else:  # few calls
                     torch._foreach_copy_([delta[i] for i in b.held], [b.params[i] for i in b.held])
                     b.buffer[2, k].sub_(b.buffer[0, k])  # Delta_k [N]
-        if not self._fused:
-            changed = any(
-                p.grad is not g or g._version != v
-                for p, (g, v) in zip(self._live_params, self._live_grads)
-            )
+        changed = any(
+            p.grad is not g or g._version != v
+            for p, (g, v) in zip(self._live_params, self._live_grads)
+        )
         if changed:
             warnings.warn(
                 f"budget: {type(optimizer).__name__}.step() changed p.grad in place, so the "
@@ -783,15 +803,14 @@ class BudgetTracker:
 
     def _fused_step(self, k: int) -> None:
         """Step k's group sums by the fused kernels (theta_k from slot 0, copied by the
-        pre-hook; theta_{k+1} from the parameters; g_k from the gradients, or from slot 0 once
-        an optimizer was seen changing them)."""
+        pre-hook, whose sums of theta_k and g_k wait in the work; theta_{k+1} from the
+        parameters)."""
         keep: list = []
         t1 = self._t1
         if t1 is None or [p.data_ptr() for p in self._params] != self._pointers:
             with torch.no_grad():  # replaced during the step, or not contiguous
                 t1 = fastsums.addresses(self._params, keep)
-        for plan in self._plans.values():
-            plan.fused.products_at(self._t0, t1, self._g, plan.sums[k])
+        self._slices.after_at(self._t0, t1, self._sums[k])
 
     def _rates(self, cls: str, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eta_k and eta_k lam of the first `pending` buffered steps: float64 [pending, 1], or
@@ -821,7 +840,7 @@ class BudgetTracker:
         with torch.no_grad():
             for cls, plan in self._plans.items():
                 lr, lwd = self._rates(cls, pending)
-                if plan.fused is not None:  # one pass, in step order (as the cumsum below)
+                if plan.fused:  # one pass, in step order (as the cumsum below)
                     cols = lr.shape[1]
                     fastsums.accumulate_budget(
                         plan.sums[:pending],

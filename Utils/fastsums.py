@@ -17,7 +17,6 @@ The first call of each kernel signature compiles it (about a second, cached on d
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import warnings
@@ -28,8 +27,10 @@ import numpy as np
 try:  # optional: without numba the callers keep their torch path
     if os.environ.get("NM_FAST_SUMS", "1") == "0":
         raise ImportError("disabled by NM_FAST_SUMS=0")
+    import llvmlite.ir
     import numba
     from numba import njit, types
+    from numba.core import cgutils
     from numba.extending import intrinsic
 
     @intrinsic
@@ -39,6 +40,19 @@ try:  # optional: without numba the callers keep their torch path
 
         def codegen(context, builder, sig, args):
             return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+        return signature, codegen
+
+    @intrinsic
+    def _memcpy(typingctx, target, source, nbytes):
+        """Copies nbytes bytes from integer address source to integer address target."""
+        signature = types.void(target, source, nbytes)
+
+        def codegen(context, builder, sig, args):
+            byte = llvmlite.ir.IntType(8).as_pointer()
+            to, at = (builder.inttoptr(a, byte) for a in args[:2])
+            cgutils.raw_memcpy(builder, to, at, args[2], 1)
+            return context.get_dummy_value()
 
         return signature, codegen
 
@@ -89,165 +103,138 @@ def _square_into(x, work, row_at, mid_at):  # pragma: no cover - compiled by num
 
 
 @njit(**_FLAGS)
-def _squares(xs, shapes, like, work, row_at, mid_at):  # pragma: no cover - compiled by numba
-    """`_square_into` for the contiguous arrays at addresses xs (int64 [n]), shaped shapes[i]
-    (int64 [n, 3]), of the dtype of `like`."""
-    for i in range(xs.shape[0]):
-        shape = (shapes[i, 0], shapes[i, 1], shapes[i, 2])
-        _square_into(numba.carray(_pointer(xs[i], like), shape), work, row_at[i], mid_at[i])
+def _squares(xs, program, like, work):  # pragma: no cover - compiled by numba
+    """`_square_into` for each call of the program (`SlicePlan`): the contiguous array at
+    address xs[program[i, 0]] of the dtype of `like`, shaped program[i, 1:4]."""
+    for i in range(program.shape[0]):
+        c = program[i]
+        x = numba.carray(_pointer(xs[c[0]], like), (c[1], c[2], c[3]))
+        _square_into(x, work, c[4], c[5])
 
 
-@njit(**_FLAGS)
-def _quadratic_into(t0, t1, g, work, row_at, mid_at, gg):  # pragma: no cover - numba
-    """theta_k = t0, theta_{k+1} = t1, g_k = g, all [B, K, A] -> the sums of theta theta,
-    Delta Delta, theta g, theta Delta and (if `gg`, else 0) g g (Delta = t1 - t0 in float64)
-    per row (over K, A) into work[:, row_at : row_at + B] and per middle index (over B, A)
-    into work[:, mid_at : mid_at + K]; work is [5, W]; an offset < 0 is not computed. (The
-    compiler splits each loop on `gg`: four sums run about 1.6x faster than five.)"""
-    nb, nk, na = t0.shape
+# what `_pair_into` sums of an element pair (x, y), per kind: the before-step kinds read
+# (theta_k, g_k), the after-step kinds (theta_k, theta_{k+1}); Delta = theta_{k+1} - theta_k
+THETA_GRAD = 0  # theta theta, theta g, g g (scale and rescale groups)
+THETA_GRAD_NO_GG = 1  # theta theta, theta g, 0 (no scale group: g g is not wanted)
+STEP = 2  # Delta Delta, theta Delta, 0
+SUM_THETA_GRAD = 3  # theta, g, 0 (translation groups)
+SUM_STEP = 4  # Delta, 0, 0
+
+
+@njit(**_FLAGS, inline="always")
+def _terms(kind, x, y):  # pragma: no cover - compiled by numba
+    """The three quantities of one element pair that `_pair_into` sums, for its kind."""
+    if kind == THETA_GRAD:
+        return x * x, x * y, y * y
+    if kind == THETA_GRAD_NO_GG:
+        return x * x, x * y, 0.0
+    if kind == STEP:
+        d = y - x
+        return d * d, x * d, 0.0
+    if kind == SUM_THETA_GRAD:
+        return x, y, 0.0
+    return y - x, 0.0, 0.0
+
+
+@njit(**_FLAGS, inline="always")
+def _pair_loop(x, y, w0, w1, w2, row_at, mid_at, kind):  # pragma: no cover - numba
+    """`_pair_into` for one kind, inlined where `kind` is a constant (no branch in the loops)."""
+    nb, nk, na = x.shape
     if mid_at >= 0:
-        for q in range(5):
-            for k in range(nk):
-                work[q, mid_at + k] = 0.0
+        for k in range(mid_at, mid_at + nk):
+            w0[k] = 0.0
+            w1[k] = 0.0
+            w2[k] = 0.0
     for b in range(nb):
         r0 = 0.0
         r1 = 0.0
         r2 = 0.0
-        r3 = 0.0
-        r4 = 0.0
         if na == 1 and mid_at >= 0:  # columns: vectorised along k
-            m0 = work[0, mid_at : mid_at + nk]
-            m1 = work[1, mid_at : mid_at + nk]
-            m2 = work[2, mid_at : mid_at + nk]
-            m3 = work[3, mid_at : mid_at + nk]
-            m4 = work[4, mid_at : mid_at + nk]
+            m0 = w0[mid_at : mid_at + nk]
+            m1 = w1[mid_at : mid_at + nk]
+            m2 = w2[mid_at : mid_at + nk]
             for k in range(nk):
-                th = np.float64(t0[b, k, 0])
-                gr = np.float64(g[b, k, 0])
-                de = np.float64(t1[b, k, 0]) - th
-                q0 = th * th
-                q1 = de * de
-                q2 = th * gr
-                q3 = th * de
+                q0, q1, q2 = _terms(kind, np.float64(x[b, k, 0]), np.float64(y[b, k, 0]))
                 m0[k] += q0
                 m1[k] += q1
                 m2[k] += q2
-                m3[k] += q3
                 r0 += q0
                 r1 += q1
                 r2 += q2
-                r3 += q3
-                if gg:
-                    q4 = gr * gr
-                    m4[k] += q4
-                    r4 += q4
-        else:
-            for k in range(nk):
-                s0 = 0.0
-                s1 = 0.0
-                s2 = 0.0
-                s3 = 0.0
-                s4 = 0.0
-                for a in range(na):
-                    th = np.float64(t0[b, k, a])
-                    gr = np.float64(g[b, k, a])
-                    de = np.float64(t1[b, k, a]) - th
-                    s0 += th * th
-                    s1 += de * de
-                    s2 += th * gr
-                    s3 += th * de
-                    if gg:
-                        s4 += gr * gr
-                r0 += s0
-                r1 += s1
-                r2 += s2
-                r3 += s3
-                r4 += s4
-                if mid_at >= 0:
-                    work[0, mid_at + k] += s0
-                    work[1, mid_at + k] += s1
-                    work[2, mid_at + k] += s2
-                    work[3, mid_at + k] += s3
-                    work[4, mid_at + k] += s4
-        if row_at >= 0:
-            work[0, row_at + b] = r0
-            work[1, row_at + b] = r1
-            work[2, row_at + b] = r2
-            work[3, row_at + b] = r3
-            work[4, row_at + b] = r4
-
-
-@njit(**_FLAGS)
-def _linear_into(t0, t1, g, work, row_at, mid_at):  # pragma: no cover - compiled by numba
-    """As `_quadratic_into` for the sums of theta, g and Delta: work is [3, W]."""
-    nb, nk, na = t0.shape
-    if mid_at >= 0:
-        for q in range(3):
-            for k in range(nk):
-                work[q, mid_at + k] = 0.0
-    for b in range(nb):
-        r0 = 0.0
-        r1 = 0.0
-        r2 = 0.0
-        if na == 1 and mid_at >= 0:  # columns: vectorised along k
-            m0 = work[0, mid_at : mid_at + nk]
-            m1 = work[1, mid_at : mid_at + nk]
-            m2 = work[2, mid_at : mid_at + nk]
-            for k in range(nk):
-                th = np.float64(t0[b, k, 0])
-                gr = np.float64(g[b, k, 0])
-                de = np.float64(t1[b, k, 0]) - th
-                m0[k] += th
-                m1[k] += gr
-                m2[k] += de
-                r0 += th
-                r1 += gr
-                r2 += de
         else:
             for k in range(nk):
                 s0 = 0.0
                 s1 = 0.0
                 s2 = 0.0
                 for a in range(na):
-                    th = np.float64(t0[b, k, a])
-                    s0 += th
-                    s1 += np.float64(g[b, k, a])
-                    s2 += np.float64(t1[b, k, a]) - th
+                    q0, q1, q2 = _terms(kind, np.float64(x[b, k, a]), np.float64(y[b, k, a]))
+                    s0 += q0
+                    s1 += q1
+                    s2 += q2
                 r0 += s0
                 r1 += s1
                 r2 += s2
                 if mid_at >= 0:
-                    work[0, mid_at + k] += s0
-                    work[1, mid_at + k] += s1
-                    work[2, mid_at + k] += s2
+                    w0[mid_at + k] += s0
+                    w1[mid_at + k] += s1
+                    w2[mid_at + k] += s2
         if row_at >= 0:
-            work[0, row_at + b] = r0
-            work[1, row_at + b] = r1
-            work[2, row_at + b] = r2
+            w0[row_at + b] = r0
+            w1[row_at + b] = r1
+            w2[row_at + b] = r2
 
 
 @njit(**_FLAGS)
-def _products(t0s, t1s, gs, shapes, like, work, row_at, mid_at, gg):  # pragma: no cover
-    """`_quadratic_into` (work [5, W]; g g where gg[i]) or `_linear_into` (work [3, W]) for the
-    contiguous arrays at addresses t0s, t1s, gs (int64 [n] each), shaped shapes[i] (int64
-    [n, 3]), of the dtype of `like`."""
-    for i in range(t0s.shape[0]):
-        shape = (shapes[i, 0], shapes[i, 1], shapes[i, 2])
-        t0 = numba.carray(_pointer(t0s[i], like), shape)
-        t1 = numba.carray(_pointer(t1s[i], like), shape)
-        g = numba.carray(_pointer(gs[i], like), shape)
-        if work.shape[0] == 5:
-            _quadratic_into(t0, t1, g, work, row_at[i], mid_at[i], gg[i])
-        else:
-            _linear_into(t0, t1, g, work, row_at[i], mid_at[i])
+def _pair_into(x, y, work, row_at, mid_at, kind, to):  # pragma: no cover - numba
+    """x, y [B, K, A] -> the three sums of `_terms(kind)` (formed in float64) per row (over
+    K, A) into work[to[q], row_at : row_at + B] and per middle index (over B, A) into
+    work[to[q], mid_at : mid_at + K], q = 0, 1, 2 (distinct planes; an unwanted sum goes to a
+    spare plane); an offset < 0 is not computed."""
+    w0 = work[to[0]]
+    w1 = work[to[1]]
+    w2 = work[to[2]]
+    if kind == THETA_GRAD:
+        _pair_loop(x, y, w0, w1, w2, row_at, mid_at, THETA_GRAD)
+    elif kind == THETA_GRAD_NO_GG:
+        _pair_loop(x, y, w0, w1, w2, row_at, mid_at, THETA_GRAD_NO_GG)
+    elif kind == STEP:
+        _pair_loop(x, y, w0, w1, w2, row_at, mid_at, STEP)
+    elif kind == SUM_THETA_GRAD:
+        _pair_loop(x, y, w0, w1, w2, row_at, mid_at, SUM_THETA_GRAD)
+    else:
+        _pair_loop(x, y, w0, w1, w2, row_at, mid_at, SUM_STEP)
 
 
 @njit(**_FLAGS)
-def _products_scattered(
-    t0s, t1s, gs, shapes, like, work, row_at, mid_at, gg, gather, starts, sign, out
+def _pairs(xs, ys, program, side, like, work):  # pragma: no cover - compiled by numba
+    """`_pair_into` for each call of the program (`SlicePlan`) on the contiguous arrays at
+    addresses xs[program[i, 0]] and ys[program[i, 0]] of the dtype of `like`, before (side
+    0) or after (side 1) the step."""
+    for i in range(program.shape[0]):
+        c = program[i]
+        shape = (c[1], c[2], c[3])
+        x = numba.carray(_pointer(xs[c[0]], like), shape)
+        y = numba.carray(_pointer(ys[c[0]], like), shape)
+        to = c[8 + 3 * side : 11 + 3 * side]
+        _pair_into(x, y, work, c[4], c[5], c[6 + side], to)
+
+
+@njit(**_FLAGS)
+def _before_step(copies, t0s, gs, program, like, work):  # pragma: no cover - numba
+    """Copies theta_k (copies: int64 [n, 3] of target address, source address, bytes), then
+    `_pairs` of theta_k (t0s: the copies) and g_k (gs): one call from Python."""
+    for i in range(copies.shape[0]):
+        _memcpy(copies[i, 0], copies[i, 1], copies[i, 2])
+    _pairs(t0s, gs, program, 0, like, work)
+
+
+@njit(**_FLAGS)
+def _after_step(
+    t0s, t1s, program, like, work, gather, starts, sign, out
 ):  # pragma: no cover - compiled by numba
-    """`_products`, then `_scatter` of its work into out (one call from Python)."""
-    _products(t0s, t1s, gs, shapes, like, work, row_at, mid_at, gg)
+    """`_pairs` of theta_k and theta_{k+1}, then `_scatter` of the work into out (one call
+    from Python)."""
+    _pairs(t0s, t1s, program, 1, like, work)
     _scatter(work, gather, starts, sign, out)
 
 
@@ -261,34 +248,32 @@ def _working() -> bool:
     if _WORKING is None:
         try:
             for dtype in (np.float32, np.float64):
-                x = np.ones((2, 3, 1), dtype=dtype)
+                x, y = np.ones((2, 3, 1), dtype=dtype), np.zeros((2, 3, 1), dtype=dtype)
                 like = x[:0, 0, 0]
-                offsets = np.array([0], dtype=np.int64), np.array([2], dtype=np.int64)
-                work = np.zeros((5, 5))
-                address = np.array([x.ctypes.data], dtype=np.int64)
-                shape = np.array([[2, 3, 1]], dtype=np.int64)
-                _squares(address, shape, like, work[0], *offsets)
-                for gg in (np.ones(1, dtype=np.bool_), np.zeros(1, dtype=np.bool_)):
-                    _products(address, address, address, shape, like, work, *offsets, gg)
-                _products(address, address, address, shape, like, work[:3], *offsets, gg)
-                args = (np.zeros(1, dtype=np.int64), np.array([0, 1], dtype=np.int64), np.ones(1))
-                _products_scattered(
-                    address,
-                    address,
-                    address,
-                    shape,
-                    like,
-                    work,
-                    *offsets,
-                    gg,
-                    *args,
+                at = np.array([x.ctypes.data], dtype=np.int64)
+                copies = np.array([[y.ctypes.data, x.ctypes.data, x.nbytes]], dtype=np.int64)
+                work = np.zeros((8, 5))
+                scatter = (
+                    np.zeros(1, dtype=np.int64),
+                    np.array([0, 1], dtype=np.int64),
+                    np.ones(1),
                     np.zeros((5, 1)),
                 )
+                for kinds in (
+                    (THETA_GRAD, STEP),
+                    (THETA_GRAD_NO_GG, STEP),
+                    (SUM_THETA_GRAD, SUM_STEP),
+                ):
+                    program = np.array([[0, 2, 3, 1, 0, 2, *kinds, 0, 1, 2, 3, 4, 5]])
+                    _squares(at, program, like, work[0])
+                    _before_step(copies, at, at, program, like, work)
+                    _after_step(at, at, program, like, work, *scatter)
             index = np.zeros(1, dtype=np.int64)
-            _scatter(work, index, np.array([0, 1], dtype=np.int64), np.ones(1), np.zeros((5, 1)))
             rates = np.zeros((1, 1))
             acc = np.zeros((6, 1))
-            accumulate_budget(np.zeros((1, 5, 1)), rates, rates, index, np.ones(1), acc, acc[0])
+            sums = np.zeros((1, 5, 2))
+            for part in (sums[:, :, :1], sums[:, :3, 1:]):  # contiguous, and a view
+                accumulate_budget(part, rates, rates, index, np.ones(1), acc, acc[0])
             _WORKING = True
         except Exception as exc:  # pragma: no cover - depends on the environment
             warnings.warn(f"fused sums unavailable ({exc}); using torch reductions", stacklevel=3)
@@ -328,7 +313,8 @@ def accumulate_budget(sums, lr, lwd, col, mask, acc, last):  # pragma: no cover 
             <theta, Delta>, |g|^2: scale/rescale) or 3 (S, <1, g>, <1, Delta>: translation).
         lr, lwd: float64 [P, C]: eta_k and eta_k lam per param-group column.
         col: int64 [T]: the column of each entry.
-        mask: float64 [T]: 1 for the entries of scale groups (|g|^2 is summed there).
+        mask: float64 [T]: 1 for the entries of scale groups (their angle and |g|^2 are
+            summed; 0 elsewhere: those fields are not kept for rescale groups).
         acc: float64 [fields, T]: decay, leak, kinetic, discretisation (and, for planes 5,
             angle_sum, grad_sq_sum), updated in place.
         last: float64 [T]: set to the last step's angle (planes 5).
@@ -353,11 +339,11 @@ def accumulate_budget(sums, lr, lwd, col, mask, acc, last):  # pragma: no cover 
             acc[1, t] += leak
             acc[2, t] += td * factor - decay - leak
             acc[3, t] += dd
-            if planes == 5:
+            if planes == 5 and mask[t] != 0.0:  # scale groups only
                 cross = math.sqrt(max(base * dd - td * td, 0.0))
                 a = math.atan2(cross, base + td)
                 acc[4, t] += a
-                acc[5, t] += sums[k, 4, t] * mask[t]
+                acc[5, t] += sums[k, 4, t]
                 if k == steps - 1:
                     last[t] = a
 
@@ -374,60 +360,33 @@ def addresses(tensors: Sequence, keep: list) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-class FlatCopy:
-    """Copies a list of tensors (all of one dtype, on the CPU) into one flat tensor, side by
-    side: one ``memmove`` per tensor (torch's per-tensor copies cost microseconds each on
-    CPU; a compiled element loop runs at a fraction of memmove's speed).
-
-    Args:
-        tensors: the sources.
-        out: the destination, 1-d, contiguous, with their total number of elements.
-    """
-
-    def __init__(self, tensors: Sequence, out) -> None:
-        self.tensors = list(tensors)
-        self.out = out.detach()
-        item = self.out.element_size()
-        self.nbytes = [t.numel() * item for t in self.tensors]
-        base = self.out.data_ptr()
-        self.targets = [base + int(o) for o in np.cumsum([0, *self.nbytes[:-1]])]
-        self._kept: list[tuple[int, int, int]] | None = None  # the last call's moves
-
-    def __call__(self, same: bool = False) -> None:
-        """Copies; `same`: the caller vouches that the tensors kept their storage since the
-        last call (their addresses are then reused)."""
-        if same and self._kept is not None:
-            moves = self._kept
-        else:
-            keep: list = []
-            sources = addresses(self.tensors, keep)
-            moves = list(zip(self.targets, sources.tolist(), self.nbytes))
-            self._kept = None if keep else moves
-        for target, source, size in moves:  # keep: alive until the copies are done
-            ctypes.memmove(target, source, size)
-
-
 class SlicePlan:
     """Signed per-group sums of squares or products, by fused kernels and one scatter.
 
     Each member is ``(name, shape, dim, entries, sign)``: a parameter, its shape, the kept
     axis (None: the whole tensor is one slice), the group entry of each of its slices and its
     sign. The kernels write row sums (over all axes but the first) and middle sums (over all
-    axes but the kept one) of a parameter into a float64 work vector [planes, W] (a parameter
-    is read once per distinct kept axis other than 0, once when it has none, and every member
-    of it is served from that pass); one scatter adds the signed work entries into the groups'
-    entries (a row sum enters the entry of its row's slice; a whole-tensor member's rows all
-    enter its one entry).
+    axes but the kept one) of a parameter into a float64 work vector [planes + 3, W] (a
+    parameter is read once per distinct kept axis other than 0, once when it has none, and
+    every member of it is served from that pass; once more for linear members); one scatter
+    adds the signed work entries into the groups' entries (a row sum enters the entry of its
+    row's slice; a whole-tensor member's rows all enter its one entry).
+
+    The passes are a program, int64 [calls, 14], one row per pass: the tensor's position in
+    `names`, its [B, K, A] view, the row and middle offsets in the work, the `_pair_into` kinds
+    before and after the step, and the three work planes each of these writes.
 
     Args:
         members: ``(name, shape, dim, entries, sign)`` per member.
-        planes: quantities per slice: 1 (`squares`), 5 (`products` of scale/rescale groups:
-            theta theta, Delta Delta, theta g, theta Delta, g g) or 3 (`products` of translation
-            groups: theta, g, Delta).
+        planes: quantities per slice: 1 (`squares`), 5 (`products`: theta theta, Delta Delta,
+            theta g, theta Delta, g g of quadratic members; theta, g, Delta in the first three
+            planes of linear members) or 3 (`products` of linear members only).
         names: the order of the tensors given to `squares` / `products`.
         total: the number of group entries.
-        gg: per member, whether its g g sums are wanted (planes 5; default: all); a pass that
-            serves no such member leaves them 0 and runs faster.
+        gg: per member, whether its g g sums are wanted (default: all); a pass that serves no
+            such member leaves them 0 and runs faster.
+        linear: per member, whether it sums the linear quantities (translation groups) rather
+            than the quadratic ones (default: all when planes is 3, else none).
     """
 
     def __init__(
@@ -437,14 +396,16 @@ class SlicePlan:
         names: Sequence[str],
         total: int,
         gg: Sequence[bool] | None = None,
+        linear: Sequence[bool] | None = None,
     ) -> None:
         self.planes = planes
         position = {n: i for i, n in enumerate(names)}
-        by_name: dict[str, list[int]] = {}
-        for i, member in enumerate(members):
-            by_name.setdefault(member[0], []).append(i)
         wants_gg = [True] * len(members) if gg is None else list(gg)
-        calls: list[tuple[int, tuple[int, int, int], int, int, bool]] = []
+        is_linear = [planes == 3] * len(members) if linear is None else list(linear)
+        by_pass: dict[tuple[str, bool], list[int]] = {}
+        for i, member in enumerate(members):
+            by_pass.setdefault((member[0], is_linear[i]), []).append(i)
+        program: list[list[int]] = []
         gather: list[np.ndarray] = []
         index: list[np.ndarray] = []
         sign: list[np.ndarray] = []
@@ -454,8 +415,9 @@ class SlicePlan:
             index.append(np.asarray(member[3], dtype=np.int64)[slice_of])
             sign.append(np.full(len(work), float(member[4])))
 
+        spare = [planes, planes + 1, planes + 2]
         width = 0
-        for name, indices in by_name.items():
+        for (name, lin), indices in by_pass.items():
             shape = tuple(members[indices[0]][1]) or (1,)
             dims = {members[i][2] for i in indices}
             mids = sorted(d for d in dims if d not in (None, 0))
@@ -481,8 +443,13 @@ class SlicePlan:
                         if members[i][2] == j:
                             work = np.arange(mid_at, mid_at + view[1], dtype=np.int64)
                             add(work, members[i], np.arange(view[1], dtype=np.int64))
-                calls.append(
-                    (position[name], view, row_at, mid_at, any(wants_gg[i] for i in served))
+                if lin:
+                    kinds, writes = (SUM_THETA_GRAD, SUM_STEP), ([0, 1, spare[0]], [2, *spare[:2]])
+                else:
+                    before = THETA_GRAD if any(wants_gg[i] for i in served) else THETA_GRAD_NO_GG
+                    kinds, writes = (before, STEP), ([0, 2, 4], [1, 3, spare[0]])
+                program.append(
+                    [position[name], *view, row_at, mid_at, *kinds, *writes[0], *writes[1]]
                 )
 
         def cat(parts: list[np.ndarray], dtype) -> np.ndarray:
@@ -493,36 +460,24 @@ class SlicePlan:
         self.gather = cat(gather, np.int64)[order]
         self.sign = cat(sign, np.float64)[order]
         self.starts = np.concatenate([[0], np.cumsum(np.bincount(entry, minlength=total))])
-        self.work = np.zeros((planes, max(width, 1)))
+        self.work = np.zeros((planes + 3, max(width, 1)))  # + 3 spare planes (`_pair_into`)
         self.out = np.zeros((planes, total))
-        self.row_at = np.array([c[2] for c in calls], dtype=np.int64)
-        self.mid_at = np.array([c[3] for c in calls], dtype=np.int64)
-        self.gg = np.array([c[4] for c in calls], dtype=np.bool_)
-        self._positions = np.array([c[0] for c in calls], dtype=np.int64)
-        self._shapes = np.array([c[1] for c in calls], dtype=np.int64).reshape(-1, 3)
-        self._runs: list[tuple] | None = None  # calls of one dtype
+        self.program = np.array(program, dtype=np.int64).reshape(-1, 14)
+        self._runs: list[tuple[np.ndarray, np.ndarray]] | None = None  # programs per dtype
 
-    def bind(self, tensors: Sequence) -> list[tuple]:
-        """Groups the calls by the dtype of their tensor (the first call's tensors decide).
+    def bind(self, tensors: Sequence) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Splits the program by the dtype of the passes' tensors (these tensors decide).
 
         Returns:
-            Per dtype: (the `names` positions of its calls' tensors; an empty array of the
-            dtype; the calls' shapes, row offsets, middle offsets and g g flags).
+            Per dtype: (an empty array of the dtype, its rows of the program).
         """
         if self._runs is None:
             by_dtype: dict[str, list[int]] = {}
-            for c, pos in enumerate(self._positions):
+            for c, pos in enumerate(self.program[:, 0]):
                 by_dtype.setdefault(str(tensors[pos].dtype).replace("torch.", ""), []).append(c)
             self._runs = [
-                (
-                    self._positions[calls],
-                    np.zeros(0, dtype=np.dtype(name)),
-                    self._shapes[calls],
-                    self.row_at[calls],
-                    self.mid_at[calls],
-                    self.gg[calls],
-                )
-                for name, calls in ((n, np.array(cs, dtype=np.int64)) for n, cs in by_dtype.items())
+                (np.zeros(0, dtype=np.dtype(name)), self.program[np.array(cs, dtype=np.int64)])
+                for name, cs in by_dtype.items()
             ]
         return self._runs
 
@@ -531,9 +486,8 @@ class SlicePlan:
         [1, total] (default: a buffer that the next call reuses)."""
         keep: list = []  # contiguous copies: alive until the kernels ran
         at = addresses(tensors, keep)
-        work = self.work[0]
-        for pos, like, shapes, row_at, mid_at, _ in self.bind(tensors):
-            _squares(at[pos], shapes, like, work, row_at, mid_at)
+        for like, program in self.bind(tensors):
+            _squares(at, program, like, self.work[0])
         out = self.out if out is None else out
         _scatter(self.work, self.gather, self.starts, self.sign, out)
         return out
@@ -545,30 +499,51 @@ class SlicePlan:
         grads: Sequence,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Signed group sums of the quadratic (planes 5) or linear (planes 3) quantities
-        of theta_k (`before`), theta_{k+1} (`after`) and g_k (`grads`: contiguous, each of its
-        parameter's dtype; read in place through its address), each a list in `names` order,
-        into `out`, float64 [planes, total] (default: a buffer the next call reuses)."""
+        """Signed group sums of the quadratic and linear quantities (see ``planes``) of
+        theta_k (`before`), theta_{k+1} (`after`) and g_k (`grads`), each a list in `names`
+        order (every tensor of its parameter's dtype), into `out`, float64 [planes, total]
+        (default: a buffer the next call reuses): `before_at`, then `after_at`."""
         keep: list = []  # contiguous copies: alive until the kernels ran
         t0s, t1s, gs = (addresses(ts, keep) for ts in (before, after, grads))
         self.bind(before)
-        return self.products_at(t0s, t1s, gs, out)
+        self.before_at(t0s, gs)
+        return self.after_at(t0s, t1s, out)
 
-    def products_at(
-        self, t0s: np.ndarray, t1s: np.ndarray, gs: np.ndarray, out: np.ndarray | None = None
+    def before_at(self, t0s: np.ndarray, gs: np.ndarray, copies: np.ndarray | None = None):
+        """The planes of theta_k and g_k (quadratic: theta theta, theta g, g g; linear: theta,
+        g), kept in the work until `after_at`, from the data addresses of contiguous tensors,
+        int64 [len(names)] each (the caller keeps them alive; `bind` was called). Taken before
+        the step, the sums see g_k even if the optimizer then changes it in place.
+
+        Args:
+            t0s: addresses of theta_k; gs: addresses of g_k.
+            copies: int64 [n, 3]: (target, source, bytes) of memory copies done first (the
+                copy of theta_k that t0s point to), in the same compiled call.
+        """
+        copies = _NO_COPIES if copies is None else copies
+        for like, program in self._runs:
+            _before_step(copies, t0s, gs, program, like, self.work)
+            copies = _NO_COPIES
+
+    def after_at(
+        self, t0s: np.ndarray, t1s: np.ndarray, out: np.ndarray | None = None
     ) -> np.ndarray:
-        """`products` from the data addresses of contiguous tensors, int64 [len(names)] each
-        (the caller keeps the tensors alive and unchanged; `bind` was called)."""
+        """The planes of theta_k and theta_{k+1} (quadratic: Delta Delta, theta Delta; linear:
+        Delta), then every plane's signed group sums into `out`, float64 [planes, total]
+        (default: a buffer the next call reuses); addresses as in `before_at`, which ran
+        since the last call."""
         out = self.out if out is None else out
         runs = self._runs
         if len(runs) == 1:  # one compiled call
-            pos, like, shapes, row_at, mid_at, gg = runs[0]
-            _products_scattered(
-                t0s[pos], t1s[pos], gs[pos], shapes, like, self.work, row_at, mid_at, gg,
-                self.gather, self.starts, self.sign, out,
-            )  # fmt: skip
+            like, program = runs[0]
+            _after_step(
+                t0s, t1s, program, like, self.work, self.gather, self.starts, self.sign, out
+            )
             return out
-        for pos, like, shapes, row_at, mid_at, gg in runs:
-            _products(t0s[pos], t1s[pos], gs[pos], shapes, like, self.work, row_at, mid_at, gg)
+        for like, program in runs:
+            _pairs(t0s, t1s, program, 1, like, self.work)
         _scatter(self.work, self.gather, self.starts, self.sign, out)
         return out
+
+
+_NO_COPIES = np.zeros((0, 3), dtype=np.int64)

@@ -575,9 +575,10 @@ def test_group_across_param_groups_with_equal_hyperparameters():
 
 
 def test_fused_products_equal_a_numpy_reference():
-    """`SlicePlan.products` against numpy loops: the five budget planes (g g only where asked)
-    and the three translation planes, with float32 and float64 tensors in one plan (one
-    compiled call per dtype), rows, columns and whole-tensor members, signs."""
+    """`SlicePlan.products` against numpy loops: the five budget planes (g g only where asked),
+    the three translation planes, and both kinds of members in one plan, with float32 and
+    float64 tensors in one plan (one compiled call per dtype), rows, columns and whole-tensor
+    members, signs."""
     from Utils.fastsums import SlicePlan
 
     rng = np.random.default_rng(5)
@@ -601,15 +602,15 @@ def test_fused_products_equal_a_numpy_reference():
         k: [torch.from_numpy(v[n]) for n in names] for k, v in (("0", t0), ("1", t1), ("g", g))
     }
 
-    def reference(planes: int) -> np.ndarray:
+    def reference(planes: int, linear: list[bool]) -> np.ndarray:
         out = np.zeros((planes, 15))
-        for n, d, entries, sign, wants in layout:
+        for (n, d, entries, sign, wants), lin in zip(layout, linear):
             a, b, c = (x[n].astype(np.float64) for x in (t0, t1, g))
             delta = b - a
-            if planes == 5:
-                parts = [a * a, delta * delta, a * c, a * delta, c * c if wants else 0 * c]
-            else:
+            if lin:
                 parts = [a, c, delta]
+            else:
+                parts = [a * a, delta * delta, a * c, a * delta, c * c if wants else 0 * c]
             for q, part in enumerate(parts):
                 axes = tuple(i for i in range(part.ndim) if i != d)
                 sums = part.sum(axis=axes) if d is not None else np.array([part.sum()])
@@ -617,16 +618,22 @@ def test_fused_products_equal_a_numpy_reference():
                     out[q, e] += sign * value
         return out
 
-    for planes in (5, 3):
-        plan = SlicePlan(members, planes, names, 15, gg=[w for *_, w in layout])
+    mixed = [False] * 4 + [True] * 2  # u's columns and all of v: translation-like members
+    for planes, linear in ((5, [False] * 6), (3, [True] * 6), (5, mixed)):
+        gg = [w for *_, w in layout]
+        plan = SlicePlan(members, planes, names, 15, gg=gg, linear=linear)
         got = plan.products(tensors["0"], tensors["1"], tensors["g"]).copy()
         assert len(plan.bind(tensors["0"])) == 2  # one run per dtype
-        want = reference(planes)
+        want = reference(planes, linear)
+        if linear == mixed:  # linear entries: theta, g, Delta in planes 0-2, nothing else
+            np.testing.assert_array_equal(got[3:, 12:], 0.0)
+            np.testing.assert_allclose(got[:3, 12:], want[:3, 12:], rtol=1e-12, atol=1e-12)
+            got, want = got[:, :12], want[:, :12]
         if planes == 5:
             # g g: exact where asked, 0 where no pass asked for it; entries 6-11 mix a member
             # read in a pass that computes it (w rows) with one whose pass does not
-            asked = [*range(6), 12, 13]
+            asked = [*range(6), 12, 13][: 6 if linear == mixed else 8]
             np.testing.assert_allclose(got[4, asked], want[4, asked], rtol=1e-12, atol=1e-12)
-            assert got[4, 14] == 0.0
+            assert linear == mixed or got[4, 14] == 0.0
             got, want = got[:4], want[:4]
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
