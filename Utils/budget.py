@@ -812,25 +812,18 @@ class BudgetTracker:
                 t1 = fastsums.addresses(self._params, keep)
         self._slices.after_at(self._t0, t1, self._sums[k])
 
-    def _rates(self, cls: str, pending: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rates(self, cls: str, pending: int) -> tuple[np.ndarray, np.ndarray]:
         """eta_k and eta_k lam of the first `pending` buffered steps: float64 [pending, 1], or
         [pending, total] when the plan's groups sit in several param groups."""
-        device = self._plans[cls].device
-        hypers = self._hypers[:pending]
-        rates = torch.tensor(
-            [
-                [[lr for lr, _ in h] for h in hypers],
-                [[lr * wd for lr, wd in h] for h in hypers],
-            ],
-            dtype=torch.float64,
-            device=device,
-        )  # [2, pending, param groups]
+        hypers = np.array(self._hypers[:pending], dtype=np.float64)  # [pending, pgs, (lr, wd)]
+        lr = hypers[..., 0]  # [pending, param groups]
+        rates = np.stack([lr, lr * hypers[..., 1]])  # [2, pending, param groups]
         cols = self._pg_cols[cls]
         if isinstance(cols, int):
             rates = rates[..., cols : cols + 1]  # [2, pending, 1]
         else:
-            rates = rates.index_select(-1, cols)  # [2, pending, total]
-        return rates[0], rates[1]
+            rates = rates[..., cols.cpu().numpy()]  # [2, pending, total]
+        return np.ascontiguousarray(rates[0]), np.ascontiguousarray(rates[1])
 
     def _flush(self) -> None:
         """Adds the terms of the buffered steps to the cumulative sums, in step order."""
@@ -844,14 +837,15 @@ class BudgetTracker:
                     cols = lr.shape[1]
                     fastsums.accumulate_budget(
                         plan.sums[:pending],
-                        lr.numpy(),
-                        lwd.numpy(),
+                        lr,
+                        lwd,
                         plan.columns if cols > 1 else plan.zero_columns,
                         plan.scale_mask,
                         self._acc[cls].numpy(),
                         self._angle[cls].numpy() if cls == "quadratic" else plan.no_angle,
                     )
                     continue
+                lr, lwd = (torch.from_numpy(r).to(plan.device) for r in (lr, lwd))
                 if cls == "translation":
                     base, tg, td = plan.linear(pending)  # [pending, total] each
                     terms = step_terms(1.0, lr, lwd, base, tg, td, None)
