@@ -618,25 +618,32 @@ def _extract_local(
     groups = _groups_json(run_dir, scans)
     if writer is None:
         report.rebuilt = report.rebuilt or rebuild_via_tmp or overwrite
-        path = tmp if rebuild_via_tmp else target
         todo = list(scans)
-        _create_prepared(path, ref.config, groups, _union_specs(todo), len(todo))
-        writer = FeaturesWriter.open(path)
-    log.info(
-        f"{len(scans)} readable checkpoint(s), {writer.rows} row(s) already extracted, "
-        f"{len(todo)} to extract"
-    )
+    # from here on the temporary file of a rebuild is removed whatever stops the extraction
+    # (an interrupt can land in any line, also inside the clean-up of another error)
     try:
+        if writer is None:
+            path = tmp if rebuild_via_tmp else target
+            _create_prepared(path, ref.config, groups, _union_specs(todo), len(todo))
+            writer = FeaturesWriter.open(path)
+        log.info(
+            f"{len(scans)} readable checkpoint(s), {writer.rows} row(s) already extracted, "
+            f"{len(todo)} to extract"
+        )
         writer.prepare(_union_specs(todo), len(todo), groups=groups)
         _write_rows(writer, todo, skip_bad, progress, log, report, kept)
     except BaseException as err:
-        if isinstance(err, UserError) and not rebuild_via_tmp:
-            writer.finish(complete=False)  # keeps every committed row
-        elif isinstance(err, Exception) and fileio.write_error_of(err, target) is not None:
-            writer.abandon()  # disk full: what was committed before stays as it is
-        else:
-            writer.close()
-        _discard(tmp if rebuild_via_tmp else None)
+        try:
+            if writer is None:
+                pass
+            elif isinstance(err, UserError) and not rebuild_via_tmp:
+                writer.finish(complete=False)  # keeps every committed row
+            elif isinstance(err, Exception) and fileio.write_error_of(err, target) is not None:
+                writer.abandon()  # disk full: what was committed before stays as it is
+            else:
+                writer.close()
+        finally:
+            _discard(tmp if rebuild_via_tmp else None)
         if isinstance(err, LayoutMismatchError):
             raise UserError(
                 f"{target} does not fit this run's checkpoints ({err}); rebuild it with "
@@ -646,9 +653,13 @@ def _extract_local(
     steps = set(writer.steps.tolist())
     report.rows = writer.rows
     report.complete = not report.skipped and all(s.step in steps for s in scans)
-    writer.finish(report.complete)
-    if rebuild_via_tmp:
-        os.replace(tmp, target)
+    try:
+        writer.finish(report.complete)
+        if rebuild_via_tmp:
+            os.replace(tmp, target)
+    except BaseException:
+        _discard(tmp if rebuild_via_tmp else None)  # the old file stays as it was
+        raise
 
 
 def _create_prepared(
