@@ -668,6 +668,63 @@ def test_an_optimizer_changing_the_gradient_in_place_is_caught(fused: bool):
         np.testing.assert_allclose(parts["leak"], factor * leak, rtol=1e-10, atol=1e-14)
 
 
+class ReplacingSGD(torch.optim.Optimizer):
+    """Plain SGD that gives every parameter new storage at each step (``p.data = ...``)."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """theta <- theta - lr g, into a new tensor."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data = p.data - group["lr"] * p.grad
+
+
+def test_new_storage_and_non_contiguous_gradients_keep_the_identity():
+    """Parameters that get new storage in the step and between steps, and gradients that are
+    not contiguous (the fused kernels read tensors by address: they must follow the storage
+    and copy what is not contiguous): every group's terms sum to its change, and the leak is
+    that of the gradient before the step."""
+    torch.manual_seed(0)
+    model = SymNet().double()
+    named = list(model.named_parameters())
+    opt = ReplacingSGD([p for _, p in named], lr=0.05)
+    tracker = BudgetTracker(opt, named, SYM_GROUPS)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 32, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6, 32), generator=gen)
+    for k in range(6):
+        params = dict(model.named_parameters())
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        if k % 2 == 1:  # the same values, column-major
+            for p in params.values():
+                if p.dim() == 2:
+                    p.grad = p.grad.t().contiguous().t()
+                    assert not p.grad.is_contiguous()
+        if k == 3:  # new storage between two steps
+            for p in params.values():
+                p.data = p.data.clone()
+        theta = {n: p.detach().clone() for n, p in params.items()}
+        grad = {n: p.grad.clone() for n, p in params.items()}
+        before = {g.key: theory.measure(g, params).numpy() for g in SYM_GROUPS}
+        cum = tracker.snapshot()
+        opt.step()
+        now = tracker.snapshot()
+        params = dict(model.named_parameters())
+        for g in SYM_GROUPS:
+            parts = {t: now[g.key][t] - cum[g.key][t] for t in TERMS}
+            change = theory.measure(g, params).numpy() - before[g.key]
+            scale = np.abs(before[g.key]).max()
+            assert np.abs(sum(parts.values()) - change).max() <= 1e-12 * scale, (k, g.key)
+            factor = 1.0 if g.kind == "translation" else 2.0
+            dot = group_total(grad, g) if g.kind == "translation" else group_dot(theta, grad, g)
+            leak = -factor * 0.05 * dot.numpy()
+            np.testing.assert_allclose(parts["leak"], leak, rtol=1e-10, atol=1e-14)
+
+
 def test_group_dot_equals_group_sum():
     """`group_dot` / `group_total` against `Utils.groups.group_sum` of the elementwise terms."""
     gen = torch.Generator().manual_seed(0)
