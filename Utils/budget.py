@@ -389,14 +389,15 @@ class _Plan:
                             grad_index += entries
                             grad_sign += [sg] * len(entries)
         self.device = device
-        self.fused = False  # set by the tracker (`fuse`)
         self.sums = np.zeros((0, 0, 0))  # fused: [pending, planes, total] per buffered step
         self.index = torch.tensor(index, dtype=torch.long, device=device)
         self.sign = torch.tensor(sign, dtype=torch.float64, device=device)
         self.grad_index = torch.tensor(grad_index, dtype=torch.long, device=device)
         self.grad_sign = torch.tensor(grad_sign, dtype=torch.float64, device=device)
 
-    def fuse(self, shapes: Mapping[str, tuple[int, ...]], start: int, sums: np.ndarray) -> list:
+    def fuse(
+        self, shapes: Mapping[str, tuple[int, ...]], start: int, sums: np.ndarray
+    ) -> tuple[list[tuple], list[bool], list[bool]]:
         """Takes each step's group sums by the fused CPU kernels (`Utils.fastsums`): one pass
         over theta_k and g_k before the step and one over theta_k and theta_{k+1} after it per
         parameter, float64, kept per step until the flush. One `fastsums.SlicePlan` serves
@@ -409,10 +410,10 @@ class _Plan:
                 this class reads its planes and entries of it.
 
         Returns:
-            ``(name, shape, dim, entries, sign, wants g g, linear)`` per member.
+            The members ``(name, shape, dim, entries, sign)`` for the plan, whether each
+            wants g g (scale groups) and whether each is linear (translation groups).
         """
         linear = self.groups[0].kind == "translation"
-        self.fused = True
         self.sums = sums[:, : 3 if linear else 5, start : start + self.total]
         self.scale_mask = np.array(  # |g|^2 is summed for the entries of scale groups
             [float(g.kind == "scale") for g in self.groups for _ in range(g.size)]
@@ -420,11 +421,12 @@ class _Plan:
         self.columns = np.arange(self.total, dtype=np.int64)  # rates per entry
         self.zero_columns = np.zeros(self.total, dtype=np.int64)  # one rate for all
         self.no_angle = np.zeros(self.total)
-        return [
+        slices = list(_member_slices(self.groups, shapes))
+        members = [
             (m.param, shapes[m.param], dim, [start + e for e in entries], float(m.sign))
-            + (g.kind == "scale", linear)
-            for g, m, dim, entries in _member_slices(self.groups, shapes)
+            for _, m, dim, entries in slices
         ]
+        return members, [g.kind == "scale" for g, _, _, _ in slices], [linear] * len(slices)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-group views of a [total] vector."""
@@ -633,18 +635,11 @@ class BudgetTracker:
         class, the per-step sums, the addresses of the tracker's copy of theta_k and g_k."""
         entries = sum(plan.total for plan in self._plans.values())
         self._sums = np.zeros((self.pending, 5, entries))  # per buffered step
-        members, start = [], 0
+        members, gg, linear, start = [], [], [], 0
         for plan in self._plans.values():
-            members += plan.fuse(shapes, start, self._sums)
-            start += plan.total
-        self._slices = fastsums.SlicePlan(
-            [m[:5] for m in members],
-            5,
-            self._names,
-            entries,
-            gg=[m[5] for m in members],
-            linear=[m[6] for m in members],
-        )
+            ms, gs, ls = plan.fuse(shapes, start, self._sums)
+            members, gg, linear, start = members + ms, gg + gs, linear + ls, start + plan.total
+        self._slices = fastsums.SlicePlan(members, 5, self._names, entries, gg=gg, linear=linear)
         self._slices.bind(self._params)
         self._pointers: list[int] = []  # storage of the parameters at the last step
         self._t1: np.ndarray | None = None  # their addresses (None: not contiguous)
@@ -833,7 +828,7 @@ class BudgetTracker:
         with torch.no_grad():
             for cls, plan in self._plans.items():
                 lr, lwd = self._rates(cls, pending)
-                if plan.fused:  # one pass, in step order (as the cumsum below)
+                if self._fused:  # one pass, in step order (as the cumsum below)
                     cols = lr.shape[1]
                     fastsums.accumulate_budget(
                         plan.sums[:pending],
